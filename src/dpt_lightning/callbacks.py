@@ -1,0 +1,64 @@
+"""Callbacks the CLI adds to every run: the few-shot selection and the prediction CSV."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run's log directory (where Lightning writes its logs and the saved config)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class SelectionWriter(Callback):
+    """Writes the few-shot selection of every fit to ``<log dir>/fewshot_split.json``."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if trainer.is_global_zero and datamodule is not None and hasattr(datamodule, "save_fewshot_split"):
+            path = run_dir(trainer) / "fewshot_split.json"
+            if not path.exists():
+                datamodule.save_fewshot_split(path)
+
+
+class PredictionWriter(Callback):
+    """Writes ``predict`` results as CSV: path, predicted class, one probability per class.
+
+    Args:
+        path: output file (default ``<log dir>/predictions.csv``).
+        overwrite: replace an existing file; otherwise an existing file is an error.
+    """
+
+    def __init__(self, path: str | None = None, overwrite: bool = False):
+        self.path = path
+        self.overwrite = overwrite
+
+    def _target(self, trainer: Trainer) -> Path:
+        return Path(self.path) if self.path else run_dir(trainer) / "predictions.csv"
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        target = self._target(trainer)
+        if target.exists() and not self.overwrite:
+            raise FileExistsError(f"{target} exists; choose another --predictions.path or pass "
+                                  "--predictions.overwrite true")
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        outputs = trainer.predict_loop.predictions
+        if not outputs or not trainer.is_global_zero:
+            return
+        if isinstance(outputs[0], list):  # several dataloaders
+            outputs = [o for group in outputs for o in group]
+        names = pl_module.classnames
+        probs = torch.cat([o["probs"] for o in outputs]).float().cpu()
+        table = pd.DataFrame({
+            "path": [p for o in outputs for p in o["path"]],
+            "prediction": [names[i] for i in probs.argmax(1).tolist()],
+            **{f"prob_{name}": probs[:, k].numpy() for k, name in enumerate(names)},
+        })
+        target = self._target(trainer)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(target, index=False)
+        print(f"predictions of {len(table)} images written to {target}")

@@ -1,0 +1,72 @@
+"""The ``dpt`` command: LightningCLI with the data's facts linked into the model."""
+from __future__ import annotations
+
+import os
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from dpt_lightning.callbacks import PredictionWriter, SelectionWriter
+from dpt_lightning.data.base import MedicalDataModule
+from dpt_lightning.trainers.base import PromptTrainer
+
+
+class DPTCLI(LightningCLI):
+    """``dpt fit|validate|test|predict``. Class names, dataset and protocol come from the data;
+    ``seed_everything`` defaults to ``data.seed`` (one seed per run, as the reference code)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
+        parser.link_arguments("data.dataset_name", "model.init_args.dataset", apply_on="instantiate")
+        parser.link_arguments("data.protocol", "model.init_args.protocol", apply_on="instantiate")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(SelectionWriter, "selection")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the last epoch's model (as the reference code does)")
+
+    def after_fit(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        if config.get("test_after_fit", True) and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+    def _set_seed(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        if config.get("seed_everything") is True:
+            seed = config.get("data.init_args.seed") if config.get("data") is not None else None
+            if isinstance(seed, int):
+                config["seed_everything"] = seed
+        super()._set_seed()
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> DPTCLI:
+    """Parse ``args`` (default: the command line) and run the subcommand; the same code path as
+    ``dpt``, for programmatic use (tests, the benchmark runner)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_warnings()
+    return DPTCLI(
+        PromptTrainer,
+        MedicalDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=True,
+        save_config_kwargs={"overwrite": False},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def quiet_known_warnings() -> None:
+    """Silence Lightning notices that are expected here (a frozen backbone is in eval mode)."""
+    for pattern in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*does not have many workers.*",
+                    ".*tensorboardX.*", ".*litlogger.*", ".*litmodels.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``dpt`` command."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Learnable text context (CoOp-style), as a plain ``nn.Module`` any method can reuse.
+
+The class prompts are tokenised once; their frozen word embeddings are kept as a (non-persistent)
+buffer and the learnable context vectors are placed into them at every forward.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dpt_lightning.backbone import BiomedCLIP
+
+ClassTokenPosition = Literal["end", "middle", "front"]
+
+
+def template_prefix(template: str) -> str:
+    """The words of a template before the class slot ``{}`` (the CTX_INIT of the reference)."""
+    if template.count("{}") != 1:
+        raise ValueError(f"a prompt template needs exactly one '{{}}' for the class name, got {template!r}")
+    return template.split("{}")[0].strip()
+
+
+def reference_n_ctx(template: str) -> int:
+    """N_CTX as the reference derives it from CTX_INIT: its number of space-separated words.
+
+    The context then covers the first N_CTX word pieces of the tokenised prompt. For words the
+    tokenizer splits ("X-ray" -> x, -, ray) this is fewer pieces than the prefix has: the
+    reference's behaviour, kept so that results are comparable.
+    """
+    return len(template_prefix(template).split())
+
+
+class ContextPrompt(nn.Module):
+    """Class prompts ``[CLS] ctx_1..ctx_N <class> <rest of template> [SEP]`` in embedding space.
+
+    Args:
+        backbone: the frozen backbone (tokenizer and word embeddings).
+        classnames: class names in label order.
+        template: prompt template with ``{}`` for the class name.
+        n_ctx: number of context vectors. ``None``: the reference's count of the words before
+            ``{}`` (initialised from their word pieces), or 16 with ``random_init``.
+        random_init: initialise N(0, ``init_std``) and use placeholder words instead of the prefix.
+        class_specific: one context per class (CoOp's CSC) instead of one shared context.
+        position: where the class name goes relative to the context (CoOp): end, middle, front.
+        trim: cut padding beyond the longest prompt (exact); False pads to the full context.
+    """
+
+    def __init__(
+        self,
+        backbone: BiomedCLIP,
+        classnames: list[str],
+        template: str = "a photo of a {}.",
+        n_ctx: int | None = None,
+        random_init: bool = False,
+        class_specific: bool = False,
+        position: ClassTokenPosition = "end",
+        init_std: float = 0.02,
+        trim: bool = True,
+    ):
+        super().__init__()
+        prefix = template_prefix(template)
+        if position not in ("end", "middle", "front"):
+            raise ValueError(f"class token position must be end, middle or front, got {position!r}")
+        if random_init:
+            n_ctx = 16 if n_ctx is None else n_ctx
+            template = " ".join(["x"] * n_ctx) + " " + template[template.index("{}"):]
+        else:
+            available = len(backbone.word_pieces(prefix))
+            n_ctx = reference_n_ctx(template) if n_ctx is None else n_ctx
+            if not 1 <= n_ctx <= available:
+                raise ValueError(f"n_ctx={n_ctx} does not fit the template {template!r}: its prefix "
+                                 f"{prefix!r} has {available} word pieces to initialise from (use 1..{available} "
+                                 "or random_init)")
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.template = template
+        self.class_specific = class_specific
+        self.position = position
+        prompts = [template.format(name) for name in classnames]
+        ids = backbone.tokenize(prompts, trim=trim)
+        with torch.no_grad():
+            embeddings = backbone.token_embedding(ids).float()
+        if random_init:
+            shape = (len(classnames), n_ctx, embeddings.shape[-1]) if class_specific else (n_ctx, embeddings.shape[-1])
+            ctx = torch.randn(shape) * init_std
+        else:
+            ctx = embeddings[0, 1:1 + n_ctx].clone()
+            if class_specific:
+                ctx = ctx.expand(len(classnames), -1, -1).clone()
+        self.ctx = nn.Parameter(ctx)
+        self.register_buffer("ids", ids, persistent=False)
+        self.register_buffer("attention_mask", ids != backbone.pad_id, persistent=False)
+        self.register_buffer("embeddings", embeddings, persistent=False)
+        name_lengths = [len(backbone.word_pieces(name)) for name in classnames]
+        self.register_buffer("order", self._positions(ids.shape[1], name_lengths), persistent=False)
+
+    def _positions(self, length: int, name_lengths: list[int]) -> Tensor:
+        """Per class, the source position of each output position (identity for ``end``)."""
+        n = self.n_ctx
+        rows = []
+        for k in name_lengths:
+            ctx, name, rest = list(range(1, 1 + n)), list(range(1 + n, 1 + n + k)), list(range(1 + n + k, length))
+            if self.position == "front":
+                order = [0] + name + ctx + rest
+            elif self.position == "middle":
+                order = [0] + ctx[:n // 2] + name + ctx[n // 2:] + rest
+            else:
+                order = list(range(length))
+            rows.append(order)
+        return torch.tensor(rows)
+
+    def forward(self) -> Tensor:
+        """Prompt embeddings (C, L, W) with the context in place."""
+        num_classes = self.embeddings.shape[0]
+        ctx = self.ctx if self.class_specific else self.ctx.expand(num_classes, -1, -1)
+        e = self.embeddings
+        x = torch.cat([e[:, :1], ctx.to(e.dtype), e[:, 1 + self.n_ctx:]], dim=1)
+        if self.position != "end":
+            x = x.gather(1, self.order[..., None].expand(-1, -1, x.shape[-1]))
+        return x
