@@ -102,7 +102,6 @@ class BiomedCLIP(nn.Module):
         self.name = name
         model, tokenizer, preprocess_cfg = load_open_clip(name)
         model.requires_grad_(False)
-        model.eval()
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess_cfg = dict(preprocess_cfg)
@@ -114,6 +113,7 @@ class BiomedCLIP(nn.Module):
         self.embed_dim = model.text.output_dim
         self.num_text_layers = len(bert.encoder.layer)
         self.num_vision_blocks = len(model.visual.trunk.blocks)
+        self.eval()  # open_clip returns train mode; methods decide when BERT dropout is on
 
     # ------------------------------------------------------------------ misc
     @property

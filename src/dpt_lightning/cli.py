@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import warnings
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from dpt_lightning.checkpoint_io import AtomicCheckpointIO
 from dpt_lightning.callbacks import PredictionWriter, SelectionWriter
 from dpt_lightning.data.base import MedicalDataModule
 from dpt_lightning.trainers.base import PromptTrainer
@@ -23,6 +26,13 @@ class DPTCLI(LightningCLI):
         parser.add_lightning_class_args(SelectionWriter, "selection")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the last epoch's model (as the reference code does)")
+
+    def instantiate_trainer(self, **kwargs):
+        plugins = kwargs.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
@@ -50,6 +60,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DPTCLI:
         subclass_mode_data=True,
         seed_everything_default=True,
         save_config_kwargs={"overwrite": False},
+        trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True)]},
         args=args,
         run=run,
         auto_configure_optimizers=False,

@@ -10,6 +10,7 @@ features) and, where its image path or loss differ, ``encode_images`` and ``comp
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,10 @@ CHECKPOINT_FORMAT = 1
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint that does not belong to this model (other backbone, classes or method)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or the logits became NaN or infinite during training."""
 
 
 def make_metrics(num_classes: int) -> MetricCollection:
@@ -165,12 +170,18 @@ class PromptTrainer(LightningModule):
         self.train()
         self.backbone.train(self.backbone_dropout)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Dropout draws from the global generator: seed it per step so that a resumed fit
+        # continues exactly as an uninterrupted one would.
+        torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.global_step)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         image_features = self.encode_images(images)
         text_features = self.encode_classes()
         logits = self.logits(image_features, text_features)
         losses = self.compute_loss(logits, labels, image_features, text_features)
+        self._check_finite(logits, losses)
         batch_size = labels.shape[0]
         for name, value in losses.items():
             key = "train_loss" if name == "loss" else f"train_loss_{name}"
@@ -178,6 +189,14 @@ class PromptTrainer(LightningModule):
         self.train_metrics(_metric_logits(logits), labels)
         self.log_dict(self.train_metrics, prog_bar=True, batch_size=batch_size)
         return losses["loss"]
+
+    def _check_finite(self, logits: Tensor, losses: dict[str, Tensor]) -> None:
+        bad = [name for name, value in {"logits": logits, **losses}.items() if not torch.isfinite(value).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite {', '.join(bad)} at epoch {self.current_epoch}, step {self.global_step} "
+                f"({type(self).__name__}); stopping instead of training on NaN. Lower model.lr, check the "
+                "loss weights, or use --trainer.precision 32-true")
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> None:
         logits = self(batch["image"])
@@ -212,7 +231,8 @@ class PromptTrainer(LightningModule):
     def checkpoint_identity(self) -> dict:
         """What a checkpoint records to refuse loading into a different model."""
         return {"format": CHECKPOINT_FORMAT, "method": type(self).__name__,
-                "backbone": self.backbone.fingerprint(), "classnames": self.classnames}
+                "backbone": self.backbone.fingerprint(), "classnames": self.classnames,
+                "protocol": self.hparams.protocol, "dataset": self.hparams.dataset}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -232,8 +252,17 @@ class PromptTrainer(LightningModule):
             if identity["backbone"].get(key) != mine["backbone"].get(key):
                 problems.append(f"backbone {key} {identity['backbone'].get(key)} "
                                 f"(this model: {mine['backbone'].get(key)})")
+        if identity["classnames"] != mine["classnames"] and not (
+                identity.get("protocol") == mine["protocol"] == "base2novel"):
+            problems.append(f"classes {identity['classnames']} (this model: {mine['classnames']}); only a "
+                            "base-to-novel evaluation may load a prompt trained on other classes")
         if problems:
             raise CheckpointMismatchError("checkpoint does not fit this model: " + "; ".join(problems))
+        shapes = {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
+        wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(shapes[k])})"
+                 for k, v in checkpoint["state_dict"].items() if k in shapes and v.shape != shapes[k]]
+        if wrong:
+            raise CheckpointMismatchError("checkpoint parameters have other shapes: " + "; ".join(wrong))
         wanted = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = sorted(wanted - set(checkpoint["state_dict"]))
         if missing:

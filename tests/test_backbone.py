@@ -1,0 +1,141 @@
+"""The shared backbone: real open_clip loading, equalities with open_clip, gradient facts."""
+from __future__ import annotations
+
+import shutil
+
+import open_clip
+import pytest
+import torch
+
+from dpt_lightning.backbone import BackboneLoadError, BiomedCLIP, load_open_clip, resolve_backbone_name
+from dpt_lightning.tiny import tiny_model_dir
+
+TEXTS = ["a photo of a glioma tumor.", "a chest X-ray photo of a normal lungs affected by covid-19 in the lung.",
+         "cat"]
+
+
+def test_tiny_loads_through_open_clip_local_dir(tiny):
+    folder = tiny_model_dir()
+    assert resolve_backbone_name("tiny") == f"local-dir:{folder}"
+    assert (folder / "open_clip_config.json").is_file() and (folder / "config.json").is_file()
+    assert type(tiny.model).__name__ == "CustomTextCLIP"
+    assert tiny.context_length == 64 == open_clip.get_tokenizer(f"local-dir:{folder}").context_length
+    assert all(not p.requires_grad for p in tiny.parameters())
+    assert not tiny.model.training
+
+
+def test_bert_config_trap_is_avoided_and_explained(tmp_path):
+    """Without the BERT config beside it, open_clip would ask the hub for the text tower."""
+    broken = tmp_path / "clip"
+    shutil.copytree(tiny_model_dir(), broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(BackboneLoadError, match="local-dir"):
+        load_open_clip(f"local-dir:{broken}")
+
+
+def test_uncached_hub_model_fails_fast_with_local_dir_hint():
+    with pytest.raises(BackboneLoadError, match="local-dir"):
+        BiomedCLIP("hf-hub:microsoft/this-model-is-not-cached-anywhere")
+
+
+def test_unknown_backbone_string():
+    with pytest.raises(BackboneLoadError, match="hf-hub"):
+        BiomedCLIP("no-such-thing")
+
+
+def test_encode_text_equals_open_clip(tiny):
+    full = tiny.tokenizer(TEXTS)
+    assert full.shape[1] == tiny.context_length
+    expected = tiny.model.encode_text(full)
+    assert torch.equal(tiny.encode_text(full), expected)
+    trimmed = tiny.tokenize(TEXTS)
+    assert trimmed.shape[1] < full.shape[1]
+    torch.testing.assert_close(tiny.encode_text(trimmed), expected, atol=1e-5, rtol=0)
+
+
+def test_encode_text_embeddings_without_prompts_equals_plain(tiny):
+    ids = tiny.tokenize(TEXTS)
+    plain = tiny.encode_text(ids)
+    via_embeddings = tiny.encode_text_embeddings(tiny.token_embedding(ids), ids != tiny.pad_id, deep_prompts=[])
+    assert torch.equal(plain, via_embeddings)
+
+
+def test_encode_image_equals_open_clip(tiny):
+    images = torch.randn(3, 3, tiny.image_size, tiny.image_size)
+    assert torch.equal(tiny.encode_image(images), tiny.model.encode_image(images))
+    assert torch.equal(tiny.encode_image(images, prompts=[]), tiny.model.encode_image(images))
+
+
+def _record_block_inputs(tiny):
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+             for b in tiny.model.visual.trunk.blocks]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("mode,extra", [("replace", 0), ("insert", 3)])
+def test_visual_prompts_positions_and_depth(tiny, mode, extra):
+    images = torch.randn(2, 3, tiny.image_size, tiny.image_size)
+    prompts = [torch.full((3, tiny.vision_width), float(i + 1)) for i in range(2)]
+    seen, hooks = _record_block_inputs(tiny)
+    try:
+        tiny.encode_image(images, prompts, mode=mode)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_tokens = 1 + (tiny.image_size // 16) ** 2
+    assert all(x.shape[1] == n_tokens + extra for x in seen)
+    assert torch.equal(seen[0][:, 1:4], torch.full_like(seen[0][:, 1:4], 1.0))
+    assert torch.equal(seen[1][:, 1:4], torch.full_like(seen[1][:, 1:4], 2.0))
+    assert not torch.equal(seen[2][:, 1:4], torch.full_like(seen[2][:, 1:4], 2.0))  # depth 2: block 2 untouched
+
+
+def test_deep_text_prompts_replace_positions_before_each_layer(tiny):
+    ids = tiny.tokenize(TEXTS[:2])
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw=None: seen.append(a[0].detach().clone()))
+             for layer in tiny.model.text.transformer.encoder.layer]
+    deep = [torch.full((2, tiny.text_width), 7.0)]
+    try:
+        tiny.encode_text_embeddings(tiny.token_embedding(ids), ids != tiny.pad_id, deep_prompts=deep)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not torch.equal(seen[0][:, 1:3], torch.full_like(seen[0][:, 1:3], 7.0))
+    assert torch.equal(seen[1][:, 1:3], torch.full_like(seen[1][:, 1:3], 7.0))
+    with pytest.raises(ValueError, match="at most"):
+        tiny.encode_text_embeddings(tiny.token_embedding(ids), ids != tiny.pad_id, deep_prompts=deep * 2)
+
+
+def test_gradients_reach_prompts_never_the_backbone(tiny):
+    visual = [torch.zeros(4, tiny.vision_width, requires_grad=True) for _ in range(2)]
+    ids = tiny.tokenize(TEXTS[:2])
+    ctx = torch.zeros(2, tiny.text_width, requires_grad=True)
+    embeddings = torch.cat([tiny.token_embedding(ids)[:, :1], ctx.expand(2, -1, -1),
+                            tiny.token_embedding(ids)[:, 3:]], dim=1)
+    deep = [torch.randn(2, tiny.text_width, requires_grad=True)]
+    text = tiny.encode_text_embeddings(embeddings, ids != tiny.pad_id, deep_prompts=deep)
+    image = tiny.encode_image(torch.randn(2, 3, tiny.image_size, tiny.image_size), visual, mode="insert")
+    (tiny.logit_scale * image @ text.t()).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*visual, ctx, *deep])
+    assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_class_sentence_ensemble_is_normalised_mean(tiny):
+    groups = [["a red circle", "a round circle"], ["a green square"]]
+    got = tiny.encode_class_sentences(groups)
+    single = tiny.encode_sentences(["a red circle", "a round circle", "a green square"])
+    expected0 = torch.nn.functional.normalize(single[:2].mean(0), dim=-1)
+    torch.testing.assert_close(got[0], expected0)
+    torch.testing.assert_close(got[1], single[2])
+    assert not tiny.training and not tiny.model.text.training
+
+
+def test_reference_transforms(tiny):
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 200), (255, 0, 0))
+    assert tiny.test_transform()(image).shape == (3, tiny.image_size, tiny.image_size)
+    assert tiny.train_transform()(image).shape == (3, tiny.image_size, tiny.image_size)
+    names = [type(t).__name__ for t in tiny.train_transform().transforms]
+    assert names == ["RandomResizedCrop", "ToTensor", "Normalize"]  # no flip, as the reference
