@@ -65,6 +65,9 @@ class PromptTrainer(LightningModule):
         reference_compute: compute as the reference code does (prompts padded to the full
             context, class text features recomputed for every evaluation batch). Same results,
             slower; for speed comparisons only.
+        cache_eval_features: keep evaluation image features on disk (``$DPT_CACHE_DIR/features``)
+            for methods whose image path learns nothing, so that the runs of a benchmark grid
+            encode each test image once (single process only; see ``feature_cache.py``).
     """
 
     #: Reference code: is the whole model switched to train mode (BERT dropout) during training?
@@ -87,6 +90,7 @@ class PromptTrainer(LightningModule):
         warmup_lr: float = 1e-5,
         backbone_dropout: bool | None = None,
         reference_compute: bool = False,
+        cache_eval_features: bool = False,
     ):
         super().__init__()
         if not classnames:
@@ -102,6 +106,7 @@ class PromptTrainer(LightningModule):
         self.reference_compute = reference_compute
         self.strict_loading = False  # the frozen backbone is not in our checkpoints
         self._text_cache: tuple[tuple, Tensor] | None = None
+        self._feature_cache = None
         self.configure_prompts()
         metrics = make_metrics(len(self.classnames))
         self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(max(len(self.classnames), 2),
@@ -120,6 +125,11 @@ class PromptTrainer(LightningModule):
     def encode_images(self, images: Tensor) -> Tensor:
         """Image features (B, D), L2-normalised. Default: the plain frozen image tower."""
         return F.normalize(self.backbone.encode_image(images).float(), dim=-1)
+
+    def image_path_key(self) -> str:
+        """Identifies how ``encode_images`` computes (for the evaluation feature cache); a method
+        with fixed visual prompts returns their setting."""
+        return "plain"
 
     def compute_loss(self, logits: Tensor, labels: Tensor, image_features: Tensor,
                      text_features: Tensor) -> dict[str, Tensor]:
@@ -155,6 +165,50 @@ class PromptTrainer(LightningModule):
         """Logits (B, C) of a batch of images."""
         text = self.encode_classes() if self.training else self.eval_text_features()
         return self.logits(self.encode_images(images), text)
+
+    def evaluation_logits(self, batch: dict) -> Tensor:
+        """Logits of an evaluation batch, with image features from the cache where allowed."""
+        cache = self._eval_feature_cache()
+        if cache is None:
+            return self(batch["image"])
+        paths = batch["path"]
+        cached = [cache.get(p) for p in paths]
+        missing = [i for i, f in enumerate(cached) if f is None]
+        if missing:
+            fresh = self.encode_images(batch["image"][missing])
+            for i, feature in zip(missing, fresh):
+                cache.put(paths[i], feature)
+                cached[i] = feature
+        features = torch.stack([f.to(self.device) for f in cached])
+        return self.logits(features, self.eval_text_features())
+
+    def _eval_feature_cache(self):
+        if not (self.hparams.cache_eval_features and self.fixed_image_path) or self.training:
+            return None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return None
+        if self._feature_cache is None:
+            from dpt_lightning.feature_cache import EvalFeatureCache, weights_digest
+            from dpt_lightning.tiny import cache_root
+
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            transform = getattr(datamodule, "test_transform", None) or self.backbone.test_transform()
+            self._feature_cache = EvalFeatureCache(cache_root() / "features", weights_digest(self.backbone),
+                                                   self.image_path_key(), repr(transform))
+        return self._feature_cache
+
+    def _flush_feature_cache(self) -> None:
+        if self._feature_cache is not None:
+            self._feature_cache.flush()
+
+    def on_validation_epoch_end(self) -> None:
+        self._flush_feature_cache()
+
+    def on_test_epoch_end(self) -> None:
+        self._flush_feature_cache()
+
+    def on_predict_epoch_end(self) -> None:
+        self._flush_feature_cache()
 
     # ------------------------------------------------------------ lightning
     def setup(self, stage: str) -> None:
@@ -199,7 +253,7 @@ class PromptTrainer(LightningModule):
                 "loss weights, or use --trainer.precision 32-true")
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> None:
-        logits = self(batch["image"])
+        logits = self.evaluation_logits(batch)
         metrics.update(_metric_logits(logits), batch["label"])
         self.log_dict(metrics, prog_bar=True, batch_size=batch["label"].shape[0])
 
@@ -210,7 +264,7 @@ class PromptTrainer(LightningModule):
         self._evaluate(batch, self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        probs = self(batch["image"]).softmax(dim=-1)
+        probs = self.evaluation_logits(batch).softmax(dim=-1)
         return {"path": batch["path"], "probs": probs, "pred": probs.argmax(dim=-1)}
 
     def configure_optimizers(self):
