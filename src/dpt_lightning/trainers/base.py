@@ -285,6 +285,7 @@ class PromptTrainer(LightningModule):
     def checkpoint_identity(self) -> dict:
         """What a checkpoint records to refuse loading into a different model."""
         return {"format": CHECKPOINT_FORMAT, "method": type(self).__name__,
+                "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
                 "backbone": self.backbone.fingerprint(), "classnames": self.classnames,
                 "protocol": self.hparams.protocol, "dataset": self.hparams.dataset}
 
