@@ -139,3 +139,27 @@ def test_reference_transforms(tiny):
     assert tiny.train_transform()(image).shape == (3, tiny.image_size, tiny.image_size)
     names = [type(t).__name__ for t in tiny.train_transform().transforms]
     assert names == ["RandomResizedCrop", "ToTensor", "Normalize"]  # no flip, as the reference
+
+
+def test_download_biomedclip_writes_an_offline_folder(tmp_path, monkeypatch):
+    """The download helper (mocked hub) lays out a folder that loads with no network."""
+    import huggingface_hub
+
+    from dpt_lightning.backbone import download_biomedclip
+
+    source = tiny_model_dir()
+
+    def fake_snapshot(repo_id, local_dir):
+        for f in source.iterdir():
+            if f.name != "config.json":  # the hub repo of BiomedCLIP has no BERT config
+                shutil.copy(f, local_dir)
+
+    def fake_file(repo_id, filename):
+        return str(source / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    folder = download_biomedclip(tmp_path / "biomedclip")
+    loaded = BiomedCLIP(f"local-dir:{folder}")
+    ids = loaded.tokenize(TEXTS)
+    torch.testing.assert_close(loaded.encode_text(ids), BiomedCLIP("tiny").encode_text(ids))

@@ -94,6 +94,23 @@ def load_open_clip(name: str):
     return model, tokenizer, model.visual.preprocess_cfg
 
 
+def download_biomedclip(folder: str | Path, repo: str = BIOMEDCLIP_HUB_ID, text_repo: str = BIOMEDBERT_HUB_ID) -> Path:
+    """On a machine WITH internet: write everything ``local-dir:<folder>`` needs to load offline.
+
+    The folder receives the BiomedCLIP hub files (``open_clip_config.json``, weights, tokenizer
+    files) and the BiomedBERT ``config.json`` that open_clip's text tower would otherwise fetch.
+    Copy the folder to the offline machine and use ``--model.backbone local-dir:<folder>``.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    snapshot_download(repo.removeprefix("hf-hub:"), local_dir=folder)
+    bert_config = Path(hf_hub_download(text_repo, "config.json"))
+    (folder / "config.json").write_bytes(bert_config.read_bytes())
+    return folder
+
+
 class BiomedCLIP(nn.Module):
     """Frozen BiomedCLIP (or any open_clip model with a timm ViT and an HF BERT text tower)."""
 
