@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import random
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable, Literal, NamedTuple
 
 import torch
@@ -19,7 +20,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from dpt_lightning.data.images import check_image, load_rgb
+from dpt_lightning.data.images import check_image, list_images, load_rgb
 
 SPLITS = ("train", "val", "test")
 Subsample = Literal["all", "base", "new"]
@@ -70,6 +71,25 @@ def sample_few_shot(items: list[Item], num_shots: int, rng: random.Random) -> li
     return selected
 
 
+def select_few_shot(split: dict[str, list[Item]], num_shots: int, seed: int) -> dict[str, list[Item]]:
+    """The original protocol's selection from a full split: ``num_shots`` per class for train,
+    then ``min(num_shots, 4)`` per class for val from the same random stream, test whole.
+
+    The stream is a private ``random.Random(seed)``: the same numbers the original draws after
+    ``random.seed(seed)``, but nothing else the program does can shift them.
+    """
+    rng = random.Random(seed)
+    train = sample_few_shot(split["train"], num_shots, rng)
+    val = sample_few_shot(split["val"], min(num_shots, 4) if num_shots > 0 else -1, rng)
+    return {"train": train, "val": val, "test": list(split["test"])}
+
+
+def split_counts(n: int, p_train: float = 0.5, p_val: float = 0.2) -> tuple[int, int, int]:
+    """Train/val/test sizes of one class of ``n`` items: rounded fractions, the rest to test."""
+    n_train, n_val = round(n * p_train), round(n * p_val)
+    return n_train, n_val, n - n_train - n_val
+
+
 def classwise_split(groups: dict[int, list[Item]], rng: random.Random, p_train: float = 0.5,
                     p_val: float = 0.2) -> dict[str, list[Item]]:
     """Split each class's items (shuffled by ``rng``) into train/val/test fractions, as the
@@ -78,11 +98,55 @@ def classwise_split(groups: dict[int, list[Item]], rng: random.Random, p_train: 
     for items in groups.values():
         items = list(items)
         rng.shuffle(items)
-        n_train, n_val = round(len(items) * p_train), round(len(items) * p_val)
+        n_train, n_val, _ = split_counts(len(items), p_train, p_val)
         split["train"] += items[:n_train]
         split["val"] += items[n_train:n_train + n_val]
         split["test"] += items[n_train + n_val:]
     return split
+
+
+def split_class_folders(image_dir: Path, class_folders: list[tuple[str, str]], rng: random.Random,
+                        p_train: float = 0.5, p_val: float = 0.2) -> dict[str, list[Item]]:
+    """The fallback split of the original code (Dassl's ``read_and_split_data``): label ``i`` is
+    the images of ``image_dir / class_folders[i][0]`` named ``class_folders[i][1]``; each class,
+    in label order, is shuffled by ``rng`` and cut 50/20/30.
+
+    Unlike the original, files are listed in sorted order (the original takes the file system's
+    order, which differs between machines) and only image files are taken. Every class must
+    give each split at least one image; all offending folders are reported at once.
+    """
+    groups, problems = {}, []
+    for label, (folder, classname) in enumerate(class_folders):
+        names = list_images(image_dir / folder)
+        if min(split_counts(len(names), p_train, p_val)) < 1:
+            problems.append(f"{image_dir / folder}: {len(names)} image(s) cannot be split into train, val "
+                            f"and test ({p_train:.0%}/{p_val:.0%}/{1 - p_train - p_val:.0%}); add images")
+        groups[label] = [Item(f"{folder}/{name}", label, classname) for name in names]
+    if problems:
+        raise DataError(problems, f"cannot make a split of {image_dir}")
+    return classwise_split(groups, rng, p_train, p_val)
+
+
+def write_split_file(split: dict[str, list[Item]], path: str | Path) -> Path:
+    """Write ``split`` in the split-file format. Never replaces a file: an existing ``path``
+    raises ``FileExistsError``."""
+    path = Path(path)
+    text = json.dumps({name: [list(item) for item in split[name]] for name in SPLITS}, indent=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "x") as f:
+        f.write(text)
+    return path
+
+
+def escapes_folder(relpath: str) -> bool:
+    """Is ``relpath`` absolute, or does it climb out of the folder it is relative to?
+
+    Judged on the text alone, so symbolic links inside the data folder stay allowed."""
+    text = relpath.replace("\\", "/")
+    if text.startswith("/") or PureWindowsPath(relpath).drive:
+        return True
+    normal = posixpath.normpath(text)
+    return normal == ".." or normal.startswith("../")
 
 
 def base_novel_labels(num_classes: int, subsample: str) -> list[int]:
@@ -120,13 +184,16 @@ class MedicalDataModule(LightningDataModule):
         split_file: a split file to use instead of the dataset's own; to rerun exactly the images of
             an exported selection (`fewshot_split()`), pass it with ``num_shots: -1``.
         batch_size, test_batch_size, num_workers: loader settings (reference: 32/4 and 100).
-        check_images: ``full`` decodes every image in ``setup`` (problems are reported before
-            training, all at once), ``header`` only opens them, ``none`` only checks existence.
+        check_images: ``full`` decodes every image the run uses in ``setup`` (problems are
+            reported before training, all at once), ``header`` only opens them, ``none`` skips
+            both; every file the split lists must exist in any case.
     """
 
     #: Dataset identity (benchmark subclasses set these; user data leaves them None).
     dataset_name: str | None = None
     template: str = "a photo of a {}."
+    #: Where the split came from, for error messages (``read_split`` may set it).
+    split_source: str | None = None
 
     def __init__(
         self,
@@ -162,7 +229,8 @@ class MedicalDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.check_images = check_images
         self.train_transform, self.test_transform = reference_transforms()
-        self.splits: dict[str, list[Item]] | None = None
+        self.selection: dict[str, list[Item]] | None = None  #: few-shot selection, all classes
+        self.splits: dict[str, list[Item]] | None = None  #: what the loaders use (subset, remapped)
 
     # ----------------------------------------------------------- subclass API
     @property
@@ -203,51 +271,70 @@ class MedicalDataModule(LightningDataModule):
 
     # ---------------------------------------------------------------- set-up
     def setup(self, stage: str | None = None) -> None:
+        """Read the split, select the few-shot subset (before the base/novel subsampling, as the
+        original), keep the subset's classes, and check everything: all problems of the data are
+        reported here at once, before any training starts."""
         if self.splits is not None:
             return
-        split = read_split_file(self.split_file) if self.split_file else self.read_split()
-        self.check_items(split)
-        rng = random.Random(self.seed)  # isolated: nothing else the program does can shift it
-        selected = {
-            "train": sample_few_shot(split["train"], self.num_shots, rng),
-            "val": sample_few_shot(split["val"], min(self.num_shots, 4) if self.num_shots > 0 else -1, rng),
-            "test": list(split["test"]),
-        }
-        self.selection = selected
-        self.splits = {name: self._subsample(items) for name, items in selected.items()}
+        if self.split_file:
+            split = read_split_file(self.split_file)
+            self.split_source = str(self.split_file)
+        else:
+            split = self.read_split()
+        selection = select_few_shot(split, self.num_shots, self.seed)
+        splits = {name: self._subsample(items) for name, items in selection.items()}
+        self.check_items(split, used=[item for items in splits.values() for item in items])
+        self.selection, self.splits = selection, splits
 
     def _subsample(self, items: list[Item]) -> list[Item]:
         kept = self.kept_labels
         remap = {old: new for new, old in enumerate(kept)}
         return [Item(i.relpath, remap[i.label], i.classname) for i in items if i.label in remap]
 
-    def check_items(self, split: dict[str, list[Item]]) -> None:
-        """Every problem of the split at once: labels, class names, paths, unreadable images."""
-        names = self.all_classnames
-        problems = []
-        root = self.image_dir.resolve()
-        paths = {}
+    def check_items(self, split: dict[str, list[Item]], used: list[Item] | None = None) -> None:
+        """Raise a `DataError` listing every problem of ``split`` at once (see `find_problems`)."""
+        problems = self.find_problems(split, used)
+        if problems:
+            raise DataError(problems, f"{type(self).__name__}: problems in the data of {self.image_dir}")
+
+    def find_problems(self, split: dict[str, list[Item]], used: list[Item] | None = None) -> list[str]:
+        """Every problem of ``split``, each naming its file: a label outside the class list, a
+        class name that disagrees with its label, a path that leaves the image folder, an image in
+        two splits, a class without training images, a listed file that is missing; and the images
+        of ``used`` (default: all) that cannot be read (``check_images``: full decode or header)."""
+        names = [name.lower() for name in self.all_classnames]
+        source = self.split_source or "split"
+        image_dir = self.image_dir
+        problems: list[str] = []
+        first_split: dict[str, str] = {}
         for name in SPLITS:
-            for item in split.get(name, []):
-                if not (0 <= item.label < len(names)):
-                    problems.append(f"{item.relpath} ({name}): label {item.label} is outside 0..{len(names) - 1}")
-                elif item.classname.lower() != names[item.label].lower():
-                    problems.append(f"{item.relpath} ({name}): class name {item.classname!r} does not match "
-                                    f"label {item.label} ({names[item.label]!r})")
-                path = (root / item.relpath).resolve()
-                if root not in path.parents:
-                    problems.append(f"{item.relpath} ({name}): path leaves the image folder {root}")
+            for k, item in enumerate(split.get(name, [])):
+                where = f"{source}: {name}[{k}] {item.relpath!r}"
+                if not 0 <= item.label < len(names):
+                    problems.append(f"{where}: label {item.label} is not a label of this dataset (0..{len(names) - 1})")
+                elif item.classname.lower() != names[item.label]:
+                    problems.append(f"{where}: class name {item.classname!r} does not match label {item.label}, "
+                                    f"which is {self.all_classnames[item.label]!r}")
+                if escapes_folder(item.relpath):
+                    problems.append(f"{where}: the path leaves the image folder {image_dir}")
                     continue
-                paths[path] = item
+                if first_split.setdefault(item.relpath, name) != name:
+                    problems.append(f"{where}: also listed in {first_split[item.relpath]!r} "
+                                    "(an image may belong to one split only)")
+                if not (image_dir / item.relpath).is_file():
+                    problems.append(f"{image_dir / item.relpath}: file not found (listed in {where})")
+        in_train = {item.label for item in split.get("train", [])}
+        problems.extend(f"{source}: class {label} {self.all_classnames[label]!r} has no training images"
+                        for label in range(len(names)) if label not in in_train)
         if self.check_images != "none":
+            paths = {image_dir / item.relpath for item in (used if used is not None else
+                                                           [i for n in SPLITS for i in split.get(n, [])])
+                     if not escapes_folder(item.relpath)}
+            paths = sorted(p for p in paths if p.is_file())  # missing files are reported above
             decode = self.check_images == "full"
             with ThreadPoolExecutor(max_workers=8) as pool:
-                found = pool.map(lambda p: check_image(p, decode=decode), list(paths))
-                problems.extend(p for p in found if p)
-        else:
-            problems.extend(f"{p}: file not found" for p in paths if not p.is_file())
-        if problems:
-            raise DataError(problems, f"{type(self).__name__} at {self.root}: problems in the data")
+                problems.extend(p for p in pool.map(lambda p: check_image(p, decode=decode), paths) if p)
+        return problems
 
     # --------------------------------------------------------------- exports
     def fewshot_split(self) -> dict[str, list[list]]:
@@ -257,12 +344,11 @@ class MedicalDataModule(LightningDataModule):
         return {name: [list(i) for i in items] for name, items in self.selection.items()}
 
     def save_fewshot_split(self, path: str | Path) -> Path:
-        """Write `fewshot_split()` as JSON; never replaces an existing file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "x") as f:
-            json.dump(self.fewshot_split(), f, indent=1)
-        return path
+        """Write `fewshot_split()` as a split file; never replaces an existing file. Pass it back
+        as ``split_file`` with ``num_shots: -1`` to rerun on exactly these images."""
+        if self.splits is None:
+            raise RuntimeError("call setup() before save_fewshot_split()")
+        return write_split_file(self.selection, path)
 
     # --------------------------------------------------------------- loaders
     def _dataset(self, split: str, transform: Callable) -> ImageListDataset:

@@ -50,6 +50,14 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
 
 
+def list_images(folder: str | Path) -> list[str]:
+    """Names of the image files directly inside ``folder`` (known extensions, any case; hidden
+    files skipped), sorted so that every file system gives the same order."""
+    return sorted(entry.name for entry in Path(folder).iterdir()
+                  if entry.is_file() and not entry.name.startswith(".")
+                  and entry.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def check_image(path: str | Path, decode: bool = True) -> str | None:
     """None if ``path`` is a usable image, else a one-line description of the problem.
 
