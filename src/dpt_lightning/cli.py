@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -26,6 +27,12 @@ class DPTCLI(LightningCLI):
         parser.add_lightning_class_args(SelectionWriter, "selection")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the last epoch's model (as the reference code does)")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            config = self.config[self.subcommand]
+            if config.get("ckpt_path") == "last":
+                config["ckpt_path"] = str(find_last_checkpoint(config.get("trainer.default_root_dir") or "."))
 
     def instantiate_trainer(self, **kwargs):
         plugins = kwargs.get("plugins") or []
@@ -65,6 +72,19 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DPTCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def find_last_checkpoint(root: str | Path) -> Path:
+    """The newest ``last.ckpt`` of the runs under ``root`` (``--ckpt_path last``).
+
+    Lightning alone would look only in the NEW run's folder, find nothing and silently start from
+    scratch; a resume that cannot find its checkpoint is an error instead.
+    """
+    found = sorted(Path(root).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"--ckpt_path last: no checkpoints/last.ckpt under {Path(root).resolve()}; "
+                                "pass --trainer.default_root_dir of the run to resume, or the checkpoint's path")
+    return found[-1]
 
 
 def quiet_known_warnings() -> None:

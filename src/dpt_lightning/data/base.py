@@ -17,7 +17,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from dpt_lightning.data.images import check_image, list_images, load_rgb
@@ -156,21 +156,66 @@ def base_novel_labels(num_classes: int, subsample: str) -> list[int]:
     return {"all": labels, "base": labels[:cut], "new": labels[cut:]}[subsample]
 
 
-class ImageListDataset(Dataset):
-    """Images of a list of items, returned as dicts with ``image``, ``label`` and ``path``."""
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (distinct inputs give distinct streams in practice)."""
+    value = 0
+    for n in numbers:
+        value = (value * 1_000_003 + int(n)) % (2**63 - 1)
+    return value
 
-    def __init__(self, image_dir: Path, items: list[Item], transform: Callable):
+
+class EpochShuffleSampler(Sampler):
+    """A random order that depends only on (seed, epoch), yielding ``(index, epoch)`` keys.
+
+    Lightning calls ``set_epoch`` before each epoch. Because the order and the key do not depend on
+    anything that happened before, a fit resumed at epoch ``e`` sees exactly the batches and (via
+    ``ImageListDataset``) the augmentations that an uninterrupted fit sees, with any number of
+    loader workers.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        epoch = self.epoch
+        return iter([(i, epoch) for i in torch.randperm(self.size, generator=generator).tolist()])
+
+
+class ImageListDataset(Dataset):
+    """Images of a list of items, returned as dicts with ``image``, ``label`` and ``path``.
+
+    A key ``(index, epoch)`` (from ``EpochShuffleSampler``) draws the random augmentation from a
+    generator seeded by (seed, epoch, index), so it is reproducible and independent of workers.
+    """
+
+    def __init__(self, image_dir: Path, items: list[Item], transform: Callable, seed: int = 0):
         self.image_dir = Path(image_dir)
         self.items = items
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         item = self.items[index]
         path = self.image_dir / item.relpath
-        return {"image": self.transform(load_rgb(path)), "label": item.label, "path": str(path)}
+        image = load_rgb(path)
+        if epoch is None:
+            tensor = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.seed, epoch, index))
+                tensor = self.transform(image)
+        return {"image": tensor, "label": item.label, "path": str(path)}
 
 
 class MedicalDataModule(LightningDataModule):
@@ -354,18 +399,17 @@ class MedicalDataModule(LightningDataModule):
     def _dataset(self, split: str, transform: Callable) -> ImageListDataset:
         if self.splits is None:
             self.setup()
-        return ImageListDataset(self.image_dir, self.splits[split], transform)
+        return ImageListDataset(self.image_dir, self.splits[split], transform, seed=self.seed)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self._dataset(split, self.train_transform if train else self.test_transform)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.test_batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            drop_last=train and len(dataset) >= self.batch_size,  # as the reference (Dassl) loader
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
