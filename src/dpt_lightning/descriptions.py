@@ -1,11 +1,21 @@
 """The description bank: ``{classname: [sentences]}`` per dataset, shipped JSON files or the user's.
 
-Class names are matched without regard to case. A bank missing any class is an error that lists
-every missing class.
+Format (UTF-8 JSON): one object whose keys are class names and whose values are non-empty lists of
+sentences, e.g. ``{"glioma tumor": ["An irregular ring-enhancing mass ...", ...], ...}``. Class
+names are matched without regard to case or surrounding spaces; a bank may hold more classes than
+a dataset needs (one bank for several datasets is fine), but a bank missing any class is an error
+that lists every missing class.
+
+The reference repositories keep their sentences in a Python module (``prompt_templates.py``, dicts
+such as ``BIOMEDDPT_TEMPLATES``). `import_bank` reads such a module as DATA: the file is parsed with
+``ast`` and only ``NAME = <literal>`` assignments are accepted; a file containing any other code
+(imports, calls, names, f-strings, comprehensions, functions ...) is refused and never executed.
 """
 from __future__ import annotations
 
+import ast
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -58,10 +68,145 @@ def load_bank(source: str) -> dict[str, list[str]]:
 
 
 def sentences_for(bank: dict[str, list[str]], classnames: list[str], source: str = "bank") -> list[list[str]]:
-    """The sentences of each class in order; every missing class is named in one error."""
-    lowered = {k.lower().strip(): v for k, v in bank.items()}
-    missing = [name for name in classnames if name.lower().strip() not in lowered]
+    """The sentences of each class in order; every missing class is named in one error. Names
+    match without regard to case and surrounding spaces; a class that matches two entries of the
+    bank (``Normal`` and ``normal``) is an error too."""
+    keys: dict[str, list[str]] = {}
+    for key in bank:
+        keys.setdefault(key.lower().strip(), []).append(key)
+    missing = [name for name in classnames if name.lower().strip() not in keys]
     if missing:
         raise DescriptionBankError(f"{source} has no sentences for {len(missing)} class(es): {missing}. "
                                    f"It has: {sorted(bank)}")
-    return [lowered[name.lower().strip()] for name in classnames]
+    ambiguous = {name: keys[name.lower().strip()] for name in classnames if len(keys[name.lower().strip()]) > 1}
+    if ambiguous:
+        raise DescriptionBankError(f"{source}: these classes match several entries that differ only in case "
+                                   f"or spaces: {ambiguous}; keep one of each")
+    return [bank[keys[name.lower().strip()][0]] for name in classnames]
+
+
+def resolve_sentences(descriptions: str, dataset: str | None, classnames: list[str],
+                      setting: str = "model.descriptions") -> list[list[str]]:
+    """Each class's sentences from ``descriptions``: ``auto`` (the shipped bank of ``dataset``) or
+    a JSON bank path / shipped bank name. Errors name ``setting`` and say what to do."""
+    if descriptions == "auto":
+        if dataset is None:
+            raise DescriptionBankError(
+                f"{setting}: 'auto' means the shipped bank of a benchmark dataset, but this data has no "
+                "dataset name; give a JSON bank {classname: [sentences]} (README 'Description banks'), "
+                "e.g. one made with 'dpt-prompts import'")
+        if dataset.lower() not in builtin_bank_names():
+            raise DescriptionBankError(
+                f"{setting}: 'auto' found no shipped bank for dataset {dataset!r} (shipped: "
+                f"{builtin_bank_names()}); give a JSON bank path")
+        descriptions = dataset
+    return sentences_for(load_bank(descriptions), classnames, f"description bank {descriptions!r} ({setting})")
+
+
+# ------------------------------------------------------------------ import
+#: AST nodes a data-only Python module may contain inside an assigned value.
+_LITERAL_NODES = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.Load)
+
+
+def _refuse(source: str, node: ast.AST, what: str) -> DescriptionBankError:
+    line = getattr(node, "lineno", "?")
+    return DescriptionBankError(
+        f"{source}, line {line}: {what}. dpt-prompts reads a Python file only as data (NAME = literal "
+        "dicts, lists, strings and numbers) and never runs it; remove the code or convert the file to JSON")
+
+
+def _check_literal(node: ast.AST, source: str) -> None:
+    """Refuse any node of ``node``'s tree that is not a plain literal (calls, names, f-strings ...)."""
+    for child in ast.walk(node):
+        if isinstance(child, ast.UnaryOp) and isinstance(child.op, (ast.USub, ast.UAdd)) \
+                and isinstance(child.operand, ast.Constant):
+            continue
+        if isinstance(child, (ast.USub, ast.UAdd)):
+            continue
+        if not isinstance(child, _LITERAL_NODES):
+            raise _refuse(source, child, f"{type(child).__name__} is code, not data")
+        if isinstance(child, ast.Dict):
+            keys = [k.value for k in child.keys if isinstance(k, ast.Constant)]
+            if None in child.keys:
+                raise _refuse(source, child, "a '**' dict unpacking is code, not data")
+            repeated = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+            if repeated:
+                warnings.warn(f"{source}, line {child.lineno}: keys repeated in one dict (the last wins): "
+                              f"{repeated}", stacklevel=3)
+
+
+def read_python_data(path: str | Path) -> dict[str, object]:
+    """The ``NAME = <literal>`` assignments of a Python module, parsed with ``ast``, never executed.
+
+    Only assignments to plain names, annotated assignments and string statements (docstrings) are
+    allowed at the top level; anything else refuses the whole file with the line of the offence.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=source)
+    except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError, MemoryError) as err:
+        raise DescriptionBankError(f"{source}: not a readable Python file ({type(err).__name__}: {err})") from None
+    values: dict[str, object] = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) \
+                and isinstance(statement.value.value, str):
+            continue  # a docstring or a bare string: harmless text
+        if isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets):
+            targets, value = [t.id for t in statement.targets], statement.value
+        elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) \
+                and statement.value is not None:
+            targets, value = [statement.target.id], statement.value
+        else:
+            raise _refuse(source, statement, f"{type(statement).__name__} statement is code, not data")
+        _check_literal(value, source)
+        try:
+            literal = ast.literal_eval(value)
+        except (ValueError, TypeError, RecursionError) as err:  # e.g. a list as a dict key
+            raise _refuse(source, value, f"not a plain literal ({type(err).__name__}: {err})") from None
+        for target in targets:
+            values[target] = literal
+    return values
+
+
+def _is_bank(value: object) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(s, str) for s in v) for k, v in value.items())
+
+
+def import_bank(path: str | Path, name: str | None = None) -> dict[str, list[str]]:
+    """A bank from a reference ``prompt_templates.py`` (read as data, see `read_python_data`) or a
+    JSON file. ``name`` picks one dict of a Python file (e.g. ``BIOMEDDPT_TEMPLATES``); without it
+    the file must hold exactly one ``{classname: [sentences]}`` dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise DescriptionBankError(f"{path} does not exist")
+    if path.suffix == ".json":
+        if name is not None:
+            raise DescriptionBankError(f"{path}: --name picks a dict of a Python file; a JSON file is one bank")
+        return load_bank(str(path))
+    if path.suffix != ".py":
+        raise DescriptionBankError(f"{path}: expected a .py (reference prompt_templates.py) or a .json file")
+    values = read_python_data(path)
+    banks = sorted(k for k, v in values.items() if _is_bank(v))
+    if name is None:
+        if len(banks) != 1:
+            found = f"several: {banks}" if banks else "none"
+            raise DescriptionBankError(f"{path}: expected one {{classname: [sentences]}} dict, found {found}; "
+                                       "choose one with --name")
+        name = banks[0]
+    elif name not in banks:
+        raise DescriptionBankError(f"{path}: no {{classname: [sentences]}} dict named {name!r}; "
+                                   f"the file has: {banks or 'none'}")
+    return validate_bank(values[name], f"{path}:{name}")
+
+
+def write_bank(bank: dict[str, list[str]], path: str | Path, force: bool = False) -> Path:
+    """Write a validated bank as JSON; an existing file is kept unless ``force``."""
+    path = Path(path)
+    validate_bank(bank, str(path))
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; choose another output or pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(bank, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
