@@ -30,13 +30,19 @@ class BackboneLoadError(RuntimeError):
 def resolve_backbone_name(name: str) -> str:
     """Turn a user-facing backbone string into an open_clip model name.
 
-    ``tiny`` builds (once, cached) the tiny random test model; ``random-biomedclip`` the full-size
-    architecture with random weights (benchmarks only); ``hf-hub:`` and ``local-dir:`` pass through.
+    ``tiny`` builds (once, cached) the tiny random test model; ``tiny-demo`` the tiny model after
+    the demo's contrastive pre-training (`dpt_lightning.pretrain`); ``random-biomedclip`` the
+    full-size architecture with random weights (benchmarks only); ``hf-hub:`` and ``local-dir:``
+    pass through.
     """
     if name == "tiny":
         from dpt_lightning.tiny import tiny_model_dir
 
         return f"local-dir:{tiny_model_dir()}"
+    if name == "tiny-demo":
+        from dpt_lightning.pretrain import tiny_demo_dir
+
+        return f"local-dir:{tiny_demo_dir()}"
     if name == "random-biomedclip":
         from dpt_lightning.tiny import random_biomedclip_dir
 
@@ -46,8 +52,8 @@ def resolve_backbone_name(name: str) -> str:
     if os.path.isdir(name):
         return f"local-dir:{name}"
     raise BackboneLoadError(
-        f"backbone {name!r} is not understood: use 'hf-hub:<repo>', 'local-dir:<folder>', 'tiny' "
-        f"or 'random-biomedclip' (default {BIOMEDCLIP_HUB_ID})"
+        f"backbone {name!r} is not understood: use 'hf-hub:<repo>', 'local-dir:<folder>', 'tiny', "
+        f"'tiny-demo' or 'random-biomedclip' (default {BIOMEDCLIP_HUB_ID})"
     )
 
 

@@ -9,7 +9,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 def run_dir(trainer: Trainer) -> Path:
-    """The run's log directory (where Lightning writes its logs and the saved config)."""
+    """The run's log directory (where Lightning writes its logs and the saved config).
+
+    Under DDP ``trainer.log_dir`` is a collective (a broadcast from rank 0): every process must
+    call this, never only rank 0, or the run deadlocks."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -18,8 +21,8 @@ class SelectionWriter(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
+        path = run_dir(trainer) / "fewshot_split.json"  # on every rank (collective under DDP)
         if trainer.is_global_zero and datamodule is not None and hasattr(datamodule, "save_fewshot_split"):
-            path = run_dir(trainer) / "fewshot_split.json"
             if not path.exists():
                 datamodule.save_fewshot_split(path)
 
@@ -47,6 +50,7 @@ class PredictionWriter(Callback):
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         outputs = trainer.predict_loop.predictions
+        target = self._target(trainer)  # on every rank (collective under DDP)
         if not outputs or not trainer.is_global_zero:
             return
         if isinstance(outputs[0], list):  # several dataloaders
@@ -58,7 +62,6 @@ class PredictionWriter(Callback):
             "prediction": [names[i] for i in probs.argmax(1).tolist()],
             **{f"prob_{name}": probs[:, k].numpy() for k, name in enumerate(names)},
         })
-        target = self._target(trainer)
         target.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(target, index=False)
         print(f"predictions of {len(table)} images written to {target}")
