@@ -60,7 +60,7 @@ PRETRAIN_RECIPE = {
     "weight_decay": 0.01,
     "word_embedding_std": 0.25,
     "seed": 0,
-    "version": 2,
+    "version": 3,
 }
 
 
@@ -69,17 +69,15 @@ def pretraining_captions() -> dict[str, list[str]]:
     return {name: [DEMO_CAPTIONS[name], *EXTRA_CAPTIONS.get(name, [])] for name in DEMO_CLASSES}
 
 
-def pretraining_images(backbone, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Fresh demo pictures (``per_class`` of each class, in ``DEMO_CLASSES`` order) after the
-    backbone's test transform, and their labels."""
+def pretraining_pictures(per_class: int, seed: int) -> tuple[list, Tensor]:
+    """Fresh demo pictures (PIL), ``per_class`` of each class in ``DEMO_CLASSES`` order, and labels."""
     rng = random.Random(seed)
-    transform = backbone.test_transform()
-    images, labels = [], []
+    pictures, labels = [], []
     for label, (shape, colour) in enumerate(DEMO_CLASSES.values()):
         for _ in range(per_class):
-            images.append(transform(draw_demo_image(shape, colour, rng)))
+            pictures.append(draw_demo_image(shape, colour, rng))
             labels.append(label)
-    return torch.stack(images), torch.tensor(labels)
+    return pictures, torch.tensor(labels)
 
 
 def class_contrastive_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -106,7 +104,8 @@ def pretrain(backbone, recipe: dict = PRETRAIN_RECIPE) -> list[float]:
     """
     torch.manual_seed(recipe["seed"])
     rng = random.Random(recipe["seed"])
-    images, labels = pretraining_images(backbone, recipe["images_per_class"], recipe["image_seed"])
+    pictures, labels = pretraining_pictures(recipe["images_per_class"], recipe["image_seed"])
+    augment = backbone.train_transform()  # the crops prompt learning trains on: features must cope
     captions = list(pretraining_captions().values())
     model = backbone.model
     with torch.no_grad():  # word vectors on the scale of a real BERT's (norm ~1.4), not the init's 0.1
@@ -122,10 +121,11 @@ def pretrain(backbone, recipe: dict = PRETRAIN_RECIPE) -> list[float]:
     model.train()
     try:
         for _ in range(recipe["steps"]):
-            index = torch.randint(len(images), (recipe["batch_size"],), generator=generator)
+            index = torch.randint(len(pictures), (recipe["batch_size"],), generator=generator)
+            images = torch.stack([augment(pictures[i]) for i in index.tolist()])
             texts = [rng.choice(options) for options in captions]
             text = F.normalize(backbone.encode_text(backbone.tokenize(texts)).float(), dim=-1)
-            image = F.normalize(backbone.encode_image(images[index]).float(), dim=-1)
+            image = F.normalize(backbone.encode_image(images).float(), dim=-1)
             loss = class_contrastive_loss(backbone.logit_scale * image @ text.t(), labels[index])
             optimizer.zero_grad()
             loss.backward()
