@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dpt_lightning import bench, bench_report, bench_run
-from dpt_lightning.bench import Grid, GridError, expand, load_grid, read_results, run_grid
+from dpt_lightning.bench import GridError, expand, load_grid, read_results, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 

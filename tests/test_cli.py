@@ -1,6 +1,7 @@
 """The real ``dpt`` command end to end on the offline demo: fit, checkpoint, test, predict."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("tiny_demo_backbone")  # built once, before any dpt subprocess
 ROOT = Path(__file__).resolve().parents[1]
 DPT = [sys.executable, "-m", "dpt_lightning"]
 
 
 def dpt(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([*DPT, *args], cwd=cwd, capture_output=True, text=True, env=os.environ.copy(),
-                            timeout=600)
+                            timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"dpt {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -52,6 +54,10 @@ def test_fit_checkpoint_test_predict_round_trip(tmp_path):
     assert list(state["state_dict"]) == ["prompt.ctx"]
     assert state["hyper_parameters"]["classnames"] == ["circle", "cross", "square", "stripes"]
     assert state["dpt_lightning"]["backbone"]["text_width"] == 32
+    recorded = state["fewshot_selection"]  # the checkpoint records the images it was trained on
+    written = json.loads(selection.read_text())
+    assert recorded["train"] == written["train"] and recorded["val"] == written["val"]
+    assert len(recorded["train"]) == 4 * recorded["num_shots"] and recorded["datamodule"] == "DemoDataModule"
 
     dpt("test", *configs, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
     tested = _metrics(tmp_path / "lightning_logs" / "version_1")

@@ -1,8 +1,9 @@
 """Mixed precision and multi-process training.
 
-* ``bf16-mixed`` on CPU: the towers really run in bfloat16, while the logits and every loss term
-  stay float32 (``PromptTrainer.logits`` leaves autocast), the loss is the hand-computed
-  cross-entropy of those logits, and training moves the prompt without NaN.
+* ``bf16-mixed`` on CPU (and ``16-mixed`` where a GPU is present): the towers really run in low
+  precision, while the logits and every loss term stay float32 (``PromptTrainer.logits`` leaves
+  autocast), the loss is the hand-computed cross-entropy of those logits, and training moves the
+  prompt without NaN.
 * DDP on CPU (2 processes, gloo): ``dpt fit`` and ``dpt test`` work, and the synchronised test
   metrics equal those of one process on the same checkpoint.
 """
@@ -22,6 +23,7 @@ from lightning.pytorch import Trainer
 
 from dpt_lightning import BiomedDPT, CoOp, DemoDataModule, MaPLe
 
+pytestmark = pytest.mark.usefixtures("tiny_demo_backbone")  # built once, before any dpt subprocess
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["--config", str(ROOT / "trainers/coop.yaml"), "--config", str(ROOT / "datasets/demo.yaml")]
 
@@ -40,7 +42,7 @@ class DtypeProbe:
     def logits(self, image_features, text_features):
         out = super().logits(image_features, text_features)
         self.seen["logits"].append(out.dtype)
-        self.seen["autocast"].append(torch.is_autocast_enabled("cpu"))
+        self.seen["autocast"].append(torch.is_autocast_enabled(self.device.type))
         return out
 
     def compute_loss(self, logits, labels, image_features, text_features):
@@ -63,17 +65,25 @@ class ProbedBiomedDPT(DtypeProbe, BiomedDPT):
     pass
 
 
+PRECISIONS = [
+    pytest.param("bf16-mixed", "cpu", torch.bfloat16, id="bf16-cpu"),
+    pytest.param("16-mixed", "gpu", torch.float16, id="fp16-gpu",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed needs a GPU")),
+]
+
+
+@pytest.mark.parametrize("precision, accelerator, low", PRECISIONS)
 @pytest.mark.parametrize("method", [ProbedCoOp, ProbedMaPLe, ProbedBiomedDPT], ids=lambda m: m.__name__)
-def test_bf16_mixed_trains_with_fp32_logits_and_losses(method, tmp_path):
+def test_mixed_precision_trains_with_fp32_logits_and_losses(method, precision, accelerator, low, tmp_path):
     data = DemoDataModule(num_shots=4, batch_size=4, test_batch_size=16, num_workers=0)
     model = method(classnames=data.classnames, dataset="demo", backbone="tiny", lr=0.05, warmup_epochs=0)
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    trainer = Trainer(precision="bf16-mixed", max_epochs=2, limit_train_batches=3, limit_val_batches=0,
-                      limit_test_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(precision=precision, accelerator=accelerator, devices=1, max_epochs=2, limit_train_batches=3,
+                      limit_val_batches=0, limit_test_batches=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     seen = model.seen
-    assert torch.bfloat16 in seen["tower"], "autocast did not reach the towers"
+    assert low in seen["tower"], "autocast did not reach the towers"
     assert all(seen["autocast"]) and len(seen["losses"]) == 6
     assert set(seen["logits"]) == {torch.float32}
     assert all(dtype == torch.float32 for losses in seen["losses"] for dtype in losses.values())

@@ -16,6 +16,7 @@ from dpt_lightning import CoOp, DemoDataModule
 from dpt_lightning.checkpoint_io import AtomicCheckpointIO
 from dpt_lightning.trainers.base import NonFiniteLossError
 
+pytestmark = pytest.mark.usefixtures("tiny_demo_backbone")  # built once, before any dpt subprocess
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["--config", str(ROOT / "trainers/coop.yaml"), "--config", str(ROOT / "datasets/demo.yaml")]
 

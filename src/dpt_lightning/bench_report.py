@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -326,17 +327,23 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy_vs_shots(series: dict, path: Path, title: str, published: bool) -> Path | None:
+def plot_accuracy_vs_shots(series: dict, path: Path, title: str, published: bool,
+                           fixed: frozenset = frozenset()) -> Path | None:
+    """Average accuracy against K per method (error bars: sample std over seeds); methods in
+    ``fixed`` (test only) are dashed lines; published averages dotted."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(8.0, 4.6))
     all_shots = sorted({k for values in series.values() for k in values})
     for method, values in series.items():
         ks = [k for k in sorted(values) if not math.isnan(values[k][0])]
         if not ks:
             continue
         means = [values[k][0] for k in ks]
+        if method in fixed:
+            ax.plot(ks, means, linestyle="--", label=f"{method} (no training)")
+            continue
         stds = [0.0 if math.isnan(values[k][1]) else values[k][1] for k in ks]
         ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
     if published:
@@ -350,7 +357,7 @@ def plot_accuracy_vs_shots(series: dict, path: Path, title: str, published: bool
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -361,25 +368,26 @@ def plot_base_vs_novel(points: dict, path: Path, title: str, published: bool) ->
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    fig, ax = plt.subplots(figsize=(7.2, 5.2))
     for i, (method, values) in enumerate(points.items()):
         colour = f"C{i % 10}"
         per = [v for k, v in values.items() if k != "average"]
         if per:
-            ax.scatter([b for b, _ in per], [n for _, n in per], color=colour, alpha=0.3, s=18)
+            ax.scatter([b for b, _ in per], [n for _, n in per], color=colour, alpha=0.3, s=18, clip_on=False)
         if "average" in values:
-            ax.scatter(*values["average"], color=colour, s=80, edgecolor="black", label=method, zorder=3)
+            ax.scatter(*values["average"], color=colour, s=80, edgecolor="black", label=method, zorder=3,
+                       clip_on=False)
     if published:
         for label, b, n in PUBLISHED_BASE2NOVEL.values():
             ax.scatter(b, n, marker="x", s=60, alpha=0.7, label=f"{label} (published)")
     ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
+    ax.set_xlim(0, 102)
+    ax.set_ylim(0, 102)
     ax.set_xlabel("base accuracy (%)")
     ax.set_ylabel("novel accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -407,11 +415,14 @@ def write_report(grid, rows: list[dict], folder: Path, overwrite: bool = False) 
         target.write_text(text)
         written.append(target)
     published = show_published(grid, [d.name for d in grid.datasets])
+    fixed = frozenset(m.name for m in grid.methods if not m.fit)
     plots = []
     if series:
-        plots.append(("accuracy_vs_shots", plot_accuracy_vs_shots, series, f"{grid.name}: accuracy vs shots"))
+        plots.append(("accuracy_vs_shots", partial(plot_accuracy_vs_shots, fixed=fixed), series,
+                      f"{grid.name}: accuracy vs shots (mean ± sample std over seeds)"))
     if points:
-        plots.append(("base_vs_novel", plot_base_vs_novel, points, f"{grid.name}: base vs novel"))
+        plots.append(("base_vs_novel", plot_base_vs_novel, points,
+                      f"{grid.name}: base vs novel (large: average; small: per dataset)"))
     if plots and _pyplot() is None:
         print("dpt-bench: plots skipped: matplotlib is not installed (pip install 'dpt_lightning[plots]')")
         return written

@@ -151,7 +151,7 @@ def find_meter(cli) -> RunMeter:
     return next(c for c in cli.trainer.callbacks if isinstance(c, RunMeter))
 
 
-def test_metrics(cli, prefix: str = "") -> dict[str, float]:
+def read_test_metrics(cli, prefix: str = "") -> dict[str, float]:
     """The ``test_*`` metrics the trainer logged, renamed ``<prefix><metric>``."""
     logged = cli.trainer.callback_metrics
     return {f"{prefix}{name}": float(logged[f"test_{name}"]) for name in METRICS if f"test_{name}" in logged}
@@ -182,7 +182,7 @@ def run_stages(stages: list[tuple[str, list[str], str]], run_dir: Path) -> dict:
             args = [str(checkpoint) if a == "{ckpt}" else a for a in args]
         cli = invoke_cli([subcommand, *args, f"--trainer.callbacks+={METER}"])
         meter = find_meter(cli)
-        metrics = test_metrics(cli, prefix)
+        metrics = read_test_metrics(cli, prefix)
         if not metrics:
             raise RunFailed(f"'{subcommand}' logged no test metrics (test_acc missing)")
         row.update(metrics)

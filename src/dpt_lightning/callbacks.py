@@ -17,7 +17,11 @@ def run_dir(trainer: Trainer) -> Path:
 
 
 class SelectionWriter(Callback):
-    """Writes the few-shot selection of every fit to ``<log dir>/fewshot_split.json``."""
+    """Records the few-shot selection of every fit: in ``<log dir>/fewshot_split.json`` (a split
+    file that reruns on exactly these images) and in every checkpoint, as
+    ``checkpoint["fewshot_selection"]``: the data module, ``num_shots``, ``seed`` and the selected
+    ``train`` and ``val`` items (``[relpath, label, classname]``; the test split is the dataset's own,
+    so it is not copied)."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -25,6 +29,18 @@ class SelectionWriter(Callback):
         if trainer.is_global_zero and datamodule is not None and hasattr(datamodule, "save_fewshot_split"):
             if not path.exists():
                 datamodule.save_fewshot_split(path)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or getattr(datamodule, "selection", None) is None:
+            return
+        selection = datamodule.fewshot_split()
+        checkpoint["fewshot_selection"] = {
+            "datamodule": type(datamodule).__name__,
+            "num_shots": datamodule.num_shots,
+            "seed": datamodule.seed,
+            **{split: selection[split] for split in ("train", "val") if split in selection},
+        }
 
 
 class PredictionWriter(Callback):
