@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import open_clip
 import pytest
@@ -36,6 +37,21 @@ def test_bert_config_trap_is_avoided_and_explained(tmp_path):
 def test_uncached_hub_model_fails_fast_with_local_dir_hint():
     with pytest.raises(BackboneLoadError, match="local-dir"):
         BiomedCLIP("hf-hub:microsoft/this-model-is-not-cached-anywhere")
+
+
+def test_uncached_hub_model_without_network_fails_at_once(monkeypatch):
+    """No HF_HUB_OFFLINE, and a hub that refuses connections: a clear error before any download
+    attempt (huggingface_hub would otherwise retry for about half a minute)."""
+    import open_clip
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(open_clip, "create_model_from_pretrained",
+                        lambda *a, **k: pytest.fail("open_clip must not be asked to download"))
+    started = time.perf_counter()
+    with pytest.raises(BackboneLoadError, match="cannot be reached.*local-dir"):
+        BiomedCLIP("hf-hub:microsoft/this-model-is-not-cached-anywhere")
+    assert time.perf_counter() - started < 10
 
 
 def test_unknown_backbone_string():

@@ -341,3 +341,25 @@ def test_real_grid_through_the_dpt_code_then_resume(tmp_path, capsys):
     assert bench.main([str(grid), "--resume", str(out)]) == 0
     said = capsys.readouterr().out
     assert "0 run(s) executed, 2 skipped" in said
+
+
+def test_plain_rerun_continues_the_newest_folder_and_new_starts_another(configs, tmp_path, monkeypatch):
+    """``dpt-bench GRID`` twice: the second call finds the first call's dated folder and skips every
+    finished run; ``--new`` starts a fresh folder."""
+    monkeypatch.chdir(tmp_path)
+    grid = grid_file(configs, name="again", output=str(tmp_path / "runs"))
+    calls = []
+
+    def fake_run_grid(grid, folder, executor=None, fail_fast=False, stream=None):
+        calls.append(folder)
+        return run_grid(grid, folder, executor=FakeExecutor(), stream=stream)
+
+    monkeypatch.setattr(bench, "run_grid", fake_run_grid)
+    monkeypatch.setattr(bench, "new_run_folder", lambda g: tmp_path / "runs" / f"again_{len(calls)}")
+    assert bench.main([str(grid)]) == 0
+    assert bench.main([str(grid)]) == 0
+    assert calls[0] == calls[1] == tmp_path / "runs" / "again_0"
+    assert len(read_results(calls[0])) == 14
+    assert bench.main([str(grid), "--new"]) == 0
+    assert calls[2] == tmp_path / "runs" / "again_2"
+    assert bench.main([str(grid), "--new", "--resume"]) == 2  # contradictory options

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Sequence
 
 import torch
@@ -69,6 +71,39 @@ def _local_text_cfg(folder: Path) -> dict | None:
     return {**cfg, "hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_model_pretrained": False}
 
 
+OFFLINE_HINT = (" Without network access, download the model once elsewhere (`download_biomedclip(folder)`) and "
+                "load it with 'local-dir:/path' (README 'Offline use'), or set HF_HUB_CACHE to a prepared cache.")
+
+
+def hub_is_cached(repo: str) -> bool:
+    """Whether the Hugging Face cache already holds ``repo``'s open_clip config (no network used)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, "open_clip_config.json"), str)
+
+
+def hub_is_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host (``HF_ENDPOINT``) accepts a connection within ``timeout`` seconds."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_hub_access(name: str) -> None:
+    """Fail at once, with the ``local-dir:`` alternative, for an uncached ``hf-hub:`` model when the
+    hub cannot be reached (instead of minutes of retries inside huggingface_hub)."""
+    repo = name[len("hf-hub:"):]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    if hub_is_cached(repo):
+        return
+    if offline or not hub_is_reachable():
+        reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise BackboneLoadError(f"backbone {name!r} is not in the Hugging Face cache and {reason}.{OFFLINE_HINT}")
+
+
 def load_open_clip(name: str):
     """Load ``(model, tokenizer, preprocess_cfg)`` through open_clip's public loader."""
     import open_clip
@@ -86,16 +121,13 @@ def load_open_clip(name: str):
         if text_cfg is not None:
             kwargs["text_cfg"] = text_cfg
         model_name = f"local-dir:{folder}"
+    else:
+        check_hub_access(model_name)
     try:
         model, _ = open_clip.create_model_from_pretrained(model_name, **kwargs)
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as err:  # network, missing files: explain what to do
-        hint = ""
-        if model_name.startswith("hf-hub:"):
-            hint = (
-                " Without network access, download the model once elsewhere and load it with "
-                "'local-dir:/path' (README 'Offline use'), or set HF_HUB_CACHE to a prepared cache."
-            )
+        hint = OFFLINE_HINT if model_name.startswith("hf-hub:") else ""
         raise BackboneLoadError(f"could not load backbone {name!r}: {err}.{hint}") from err
     return model, tokenizer, model.visual.preprocess_cfg
 

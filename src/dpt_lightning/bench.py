@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "folder is resumed")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="FOLDER",
                         help="continue a run folder: finished runs are skipped, failed and missing ones run; "
-                             "without FOLDER the newest folder of this grid")
+                             "without FOLDER the newest folder of this grid (also the default without --new)")
+    parser.add_argument("--new", action="store_true",
+                        help="start a new dated run folder even if this grid has one already (default: continue "
+                             "the newest one, skipping its finished runs)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs (and which are finished), run nothing")
     parser.add_argument("--report", action="store_true", help="only (re)write summary.md and the plots")
     parser.add_argument("--overwrite", action="store_true",
@@ -206,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _resolve(args) -> tuple[Path, Grid]:
     """The run folder and the grid from the command line (``--out`` / ``--resume``)."""
-    if args.out and args.resume:
-        raise GridError("give either --out or --resume, not both")
+    if sum(map(bool, (args.out, args.resume, args.new))) > 1:
+        raise GridError("give at most one of --out, --resume and --new")
     if args.grid is None:
         if args.resume in (None, "latest"):
             raise GridError("give a grid file, or --resume FOLDER")
@@ -224,6 +227,14 @@ def _resolve(args) -> tuple[Path, Grid]:
         return Path(args.out).expanduser(), grid
     if args.report:
         return latest_run_folder(grid), grid
+    if not args.new:  # a rerun of the same grid continues where the last one stopped
+        try:
+            folder = latest_run_folder(grid)
+        except GridError:
+            pass
+        else:
+            print(f"dpt-bench: continuing {folder} (finished runs are skipped; --new starts a new folder)")
+            return folder, grid
     return new_run_folder(grid), grid
 
 

@@ -353,15 +353,7 @@ def plot_accuracy_vs_shots(series: dict, path: Path, title: str, published: bool
                 ax.plot(ks, [by_k[k] for k in ks], linestyle=":", marker="x", alpha=0.6, label=f"{label} (published)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_shots, [str(k) for k in all_shots])
-    ax.set_xlabel("shots per class (K)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title, "shots per class (K)", "accuracy (%)")
 
 
 def plot_base_vs_novel(points: dict, path: Path, title: str, published: bool) -> Path | None:
@@ -383,8 +375,13 @@ def plot_base_vs_novel(points: dict, path: Path, title: str, published: bool) ->
     ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlim(0, 102)
     ax.set_ylim(0, 102)
-    ax.set_xlabel("base accuracy (%)")
-    ax.set_ylabel("novel accuracy (%)")
+    return _finish(plt, fig, ax, path, title, "base accuracy (%)", "novel accuracy (%)")
+
+
+def _finish(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """Labels, grid and an outside legend; saves the figure to ``path`` and closes it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
