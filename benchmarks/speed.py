@@ -524,8 +524,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="markdown file (default benchmarks/results/speed_<device>.md)")
     parser.add_argument("--render", help="only write the report from the raw results JSON of an earlier run")
     parser.add_argument("--quick", action="store_true",
-                        help="the issue's check in a few minutes: CoOp and Biomed-DPT at batch 4, fewer steps, "
-                             "no memory processes, a 6-run grid of 24 images (results/speed_<device>_quick.md)")
+                        help="a smoke check in a few minutes (judges no target): CoOp and Biomed-DPT at "
+                             "batch 4, fewer steps, no memory processes, a 6-run grid of 24 images "
+                             "(results/speed_<device>_quick.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:

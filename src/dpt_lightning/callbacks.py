@@ -34,12 +34,11 @@ class SelectionWriter(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or getattr(datamodule, "selection", None) is None:
             return
-        selection = datamodule.fewshot_split()
         checkpoint["fewshot_selection"] = {
             "datamodule": type(datamodule).__name__,
             "num_shots": datamodule.num_shots,
             "seed": datamodule.seed,
-            **{split: selection[split] for split in ("train", "val") if split in selection},
+            **datamodule.fewshot_split(splits=("train", "val")),  # not the test split: thousands of items
         }
 
 

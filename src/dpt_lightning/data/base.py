@@ -382,11 +382,13 @@ class MedicalDataModule(LightningDataModule):
         return problems
 
     # --------------------------------------------------------------- exports
-    def fewshot_split(self) -> dict[str, list[list]]:
-        """The selection this run uses, in the split-file format (original labels and names)."""
+    def fewshot_split(self, splits: tuple[str, ...] | None = None) -> dict[str, list[list]]:
+        """The selection this run uses, in the split-file format (original labels and names);
+        ``splits`` keeps only those splits (those the selection has)."""
         if self.splits is None:
             raise RuntimeError("call setup() before fewshot_split()")
-        return {name: [list(i) for i in items] for name, items in self.selection.items()}
+        return {name: [list(i) for i in items] for name, items in self.selection.items()
+                if splits is None or name in splits}
 
     def save_fewshot_split(self, path: str | Path) -> Path:
         """Write `fewshot_split()` as a split file; never replaces an existing file. Pass it back
