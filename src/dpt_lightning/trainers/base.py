@@ -70,6 +70,9 @@ class PromptTrainer(LightningModule):
             encode each test image once (single process only; see ``feature_cache.py``).
     """
 
+    #: Does the method train anything? (False: validate, test and predict only; a benchmark grid
+    #: tests it once per dataset instead of fitting it per shot count and seed.)
+    learns: bool = True
     #: Reference code: is the whole model switched to train mode (BERT dropout) during training?
     reference_backbone_dropout: bool = False
     #: Does the image path have no learnable part? (Then image features may be cached.)

@@ -30,6 +30,8 @@ class VPT(PromptedImagePath, ZeroShot):
         **kwargs: ``template``, ``descriptions`` (see ``ZeroShot``) and the base settings.
     """
 
+    learns = True
+
     def __init__(
         self,
         mode: VisualPromptMode = "replace",

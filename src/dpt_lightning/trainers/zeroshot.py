@@ -17,6 +17,8 @@ class ZeroShot(PromptTrainer):
         descriptions: a description bank (JSON path, or ``auto`` for the dataset's shipped bank).
     """
 
+    learns = False
+
     def __init__(self, template: str = "a photo of a {}.", descriptions: str | None = None, **kwargs):
         super().__init__(**kwargs)
 

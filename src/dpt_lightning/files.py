@@ -1,0 +1,104 @@
+"""Writing files safely: the one home of atomic writes, built-in-temp-then-rename folders, the
+cache folder and file modes.
+
+* `atomic_write`: a file is written to a temporary name in its own folder, flushed to disk and
+  renamed over the target, so a reader (or a kill at any moment) sees the old file or the new one,
+  never half of one. ``exclusive=True`` never replaces an existing file.
+* `atomic_directory`: a folder is built under a temporary name and renamed into place once it is
+  complete; when another process finished the same folder first, its copy is kept.
+* Files get the user's normal mode (``0o666`` minus the umask), not the ``0o600`` of a temporary
+  file, so that others in a shared group can read checkpoints and results as they can any file the
+  user writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_directory", "atomic_write", "cache_root", "default_file_mode"]
+
+
+def cache_root() -> Path:
+    """Where generated models, demo data and feature caches live: ``$DPT_CACHE_DIR``, default
+    ``~/.cache/dpt_lightning``."""
+    return Path(os.environ.get("DPT_CACHE_DIR", Path.home() / ".cache" / "dpt_lightning")).expanduser()
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: ``0o666`` minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object], *,
+                 exclusive: bool = False, encoding: str = "utf-8") -> Path:
+    """Write ``data`` (bytes, text, or a function that writes into a binary file object) to
+    ``path`` atomically; returns ``path``.
+
+    With ``exclusive`` an existing ``path`` is never replaced: ``FileExistsError`` before anything
+    is written, and also when another process created the file meanwhile.
+    """
+    path = Path(path)
+    if exclusive and path.exists():
+        raise FileExistsError(f"{path} exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode(encoding) if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        if exclusive:
+            _link_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _link_exclusive(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path`` only if ``path`` does not exist (a hard link fails if it does)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name beside ``target``, then rename it to ``target``.
+
+    Yields the temporary folder to fill. If the body raises, the temporary folder is removed and
+    ``target`` is untouched. If ``target`` exists by the time the body finishes (another process
+    built it concurrently), the finished copy there is kept and this one is discarded.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
