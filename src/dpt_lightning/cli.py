@@ -55,9 +55,10 @@ class DPTCLI(LightningCLI):
         super()._set_seed()
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> DPTCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, parser_kwargs: dict | None = None) -> DPTCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; the same code path as
-    ``dpt``, for programmatic use (tests, the benchmark runner)."""
+    ``dpt``, for programmatic use (tests, the benchmark runner). ``parser_kwargs`` go to the
+    argument parser (e.g. ``{"exit_on_error": False}``: argument errors raise instead of exiting)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_warnings()
     return DPTCLI(
@@ -70,6 +71,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DPTCLI:
         trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True)]},
         args=args,
         run=run,
+        parser_kwargs=parser_kwargs,
         auto_configure_optimizers=False,
     )
 
