@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dpt_lightning.data.base import DataError, Item, MedicalDataModule
+from dpt_lightning.data import DataError, Item, MedicalDataModule
 from dpt_lightning.data.images import ImageReadError, load_rgb
 
 CLASSES = ["glioma tumor", "normal brain", "ödem ß"]  # a class name with unicode

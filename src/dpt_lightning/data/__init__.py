@@ -1,13 +1,22 @@
-"""DataModules: the base, the 11 benchmark datasets, the user's own data and the synthetic demo."""
-from dpt_lightning.data.base import (DataError, Item, MedicalDataModule, read_split_file, sample_few_shot,
-                                     select_few_shot, write_split_file)
+"""DataModules: the base, the 11 benchmark datasets, the user's own data and the synthetic demo.
+
+Modules: ``splits`` (items, few-shot selection, base/novel labels, THE split builder, split files),
+``dataset`` (dataset and epoch-seeded sampler), ``checks`` (problems of a split, the class rule),
+``images`` (reading any image as RGB), ``transforms`` (reference transforms), ``errors``
+(`DataError`), ``datamodule`` (`MedicalDataModule`), ``benchmarks``, ``folder`` (image folder,
+CSV), ``demo``, ``facts``.
+"""
 from dpt_lightning.data.benchmarks import (BENCHMARK_DATAMODULES, BenchmarkDataModule, BTMRIDataModule,
                                            BUSIDataModule, CHMNISTDataModule, COVID19DataModule,
                                            CTKidneyDataModule, DermaMNISTDataModule, KneeXrayDataModule,
                                            KvasirDataModule, LungColonDataModule, OCTMNISTDataModule,
                                            RETINADataModule, benchmark_datamodule)
+from dpt_lightning.data.datamodule import MedicalDataModule
 from dpt_lightning.data.demo import DemoDataModule
-from dpt_lightning.data.folder import CSVDataModule, ImageFolderDataModule
+from dpt_lightning.data.errors import DataError
+from dpt_lightning.data.folder import CSVDataModule, ImageFolderDataModule, read_label_csv
+from dpt_lightning.data.splits import (Item, build_split, read_split_file, sample_few_shot, select_few_shot,
+                                       write_split_file)
 
 __all__ = ["CSVDataModule", "DataError", "DemoDataModule", "ImageFolderDataModule", "Item",
            "MedicalDataModule", "read_split_file", "sample_few_shot"]
@@ -15,3 +24,4 @@ __all__ += ["BENCHMARK_DATAMODULES", "BenchmarkDataModule", "BTMRIDataModule", "
             "CHMNISTDataModule", "COVID19DataModule", "CTKidneyDataModule", "DermaMNISTDataModule",
             "KneeXrayDataModule", "KvasirDataModule", "LungColonDataModule", "OCTMNISTDataModule",
             "RETINADataModule", "benchmark_datamodule", "select_few_shot", "write_split_file"]
+__all__ += ["build_split", "read_label_csv"]

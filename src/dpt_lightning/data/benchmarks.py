@@ -12,15 +12,17 @@ dataset. The few-shot selection, base/novel subsets, checks and loaders are `Med
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import ClassVar
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from dpt_lightning.data.base import (DataError, Item, MedicalDataModule, read_split_file, split_class_folders,
-                                     write_split_file)
+from dpt_lightning.data.checks import coverage_problems
+from dpt_lightning.data.datamodule import MedicalDataModule
+from dpt_lightning.data.errors import DataError
 from dpt_lightning.data.facts import DatasetFacts, dataset_facts
+from dpt_lightning.data.images import list_images
+from dpt_lightning.data.splits import SPLITS, Item, read_split_file, write_split_file
 
 
 class BenchmarkDataModule(MedicalDataModule):
@@ -89,26 +91,42 @@ class BenchmarkDataModule(MedicalDataModule):
 
     # ------------------------------------------------------------- reading
     def read_split(self) -> dict[str, list[Item]]:
-        """The dataset's split file, or, when it is missing, the fallback split of the class folders."""
+        """The dataset's split file, or, when it is missing, the fallback split of the class folders:
+        each folder's images (sorted by name; the original takes the file system's order, which
+        differs between machines) shuffled with ``split_seed`` and cut 50/20/30 (`make_split`)."""
         self._check_layout()
         if self.split_path.is_file():
             self.split_source = str(self.split_path)
             return read_split_file(self.split_path)
         self.split_source = f"fallback split of {self.image_dir} (split_seed={self.split_seed})"
-        split = split_class_folders(self.image_dir, self.class_folders(), random.Random(self.split_seed))
+        folders = self.class_folders()
+        groups = {label: [Item(f"{folder}/{name}", label, classname) for name in list_images(self.image_dir / folder)]
+                  for label, (folder, classname) in enumerate(folders)}
+        split = self.make_split(groups, {label: str(self.image_dir / folder) for label, (folder, _) in
+                                         enumerate(folders)}, self.split_seed)
         if self.save_split:
-            try:
-                write_split_file(split, self.split_path)
-                rank_zero_info(f"{self.facts.name}: no split file; wrote the fallback split to {self.split_path}")
-            except FileExistsError:  # written meanwhile (another process): never replaced
-                pass
-            except OSError as err:
-                rank_zero_warn(f"{self.facts.name}: could not write the fallback split to {self.split_path} "
-                               f"({err}); this run uses it anyway")
+            self._save_fallback_split(split)
         else:
             rank_zero_warn(f"{self.facts.name}: {self.split_path} not found; using a class-wise 50/20/30 split "
                            f"with split_seed={self.split_seed}. Pass --data.save_split true to keep it there.")
         return split
+
+    def _save_fallback_split(self, split: dict[str, list[Item]]) -> None:
+        """Write the fallback split as the dataset's split file, which every later run reads: only
+        if every class has an image in train, val and test; an existing file is never replaced."""
+        labels = range(len(self.all_classnames))
+        if coverage_problems(split, self.all_classnames, labels, SPLITS, self.split_source)[0]:
+            rank_zero_warn(f"{self.facts.name}: the fallback split leaves a class without train, val or test "
+                           f"images; not written to {self.split_path}")
+            return
+        try:
+            write_split_file(split, self.split_path)
+            rank_zero_info(f"{self.facts.name}: no split file; wrote the fallback split to {self.split_path}")
+        except FileExistsError:  # written meanwhile (another process): never replaced
+            pass
+        except OSError as err:
+            rank_zero_warn(f"{self.facts.name}: could not write the fallback split to {self.split_path} "
+                           f"({err}); this run uses it anyway")
 
     def class_folders(self) -> list[tuple[str, str]]:
         """(folder, class name) in label order. The benchmark names each class folder after its

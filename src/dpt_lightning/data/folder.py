@@ -1,13 +1,21 @@
-"""The user's own data: an image-folder layout or a CSV file."""
+"""The user's own data: an image-folder layout or a CSV file.
+
+Both make their train/val/test split with THE split builder (`MedicalDataModule.make_split`,
+50/20/30 per class with ``split_seed``) unless the CSV has a ``split`` column; either way the class
+rule of `MedicalDataModule.setup` applies (every class needs an image in every split the run uses).
+"""
 from __future__ import annotations
 
-import random
+import csv
+import io
 from pathlib import Path
+from typing import NamedTuple
 
-import pandas as pd
-
-from dpt_lightning.data.base import SPLITS, DataError, Item, MedicalDataModule, classwise_split
-from dpt_lightning.data.images import IMAGE_EXTENSIONS
+from dpt_lightning.data.checks import is_utf8, not_utf8_problem
+from dpt_lightning.data.datamodule import MedicalDataModule
+from dpt_lightning.data.errors import DataError
+from dpt_lightning.data.images import list_images
+from dpt_lightning.data.splits import SPLITS, Item, path_key
 
 
 def _require_root(module: MedicalDataModule, what: str) -> Path:
@@ -20,7 +28,8 @@ class ImageFolderDataModule(MedicalDataModule):
     """``root/<class>/<image>``: one folder per class, sorted folder names give the labels.
 
     Folder names become class names with ``_`` read as a space (``normal_brain`` -> ``normal brain``);
-    the images of each class are split 50/20/30 into train/val/test with ``split_seed``.
+    the images of each class (sorted by name) are split 50/20/30 into train/val/test with
+    ``split_seed`` (or pass ``split_file``). Folder and file names must be UTF-8.
     """
 
     def __init__(self, root: str, split_seed: int = 1, **kwargs):
@@ -29,54 +38,152 @@ class ImageFolderDataModule(MedicalDataModule):
         folder = _require_root(self, "the folder with one sub-folder per class")
         if not folder.is_dir():
             raise FileNotFoundError(f"data.root {folder} is not a folder")
-        self._folders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if len(self._folders) < 1:
-            raise DataError([f"{folder}: no class sub-folders found"], "empty image folder")
+        folders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        bad = [name for name in folders if not is_utf8(name)]
+        if bad:  # the folder names are the class names the model is built for: refused at once
+            raise DataError([not_utf8_problem(folder / name, kind="folder") for name in bad],
+                            f"class folders of {folder}")
+        if not folders:
+            raise DataError([f"{folder}: no class sub-folders found (expected {folder}/<class>/<image>)"],
+                            "empty image folder")
+        self._folders = folders
 
     @property
     def all_classnames(self) -> list[str]:
         return [name.replace("_", " ") for name in self._folders]
 
     def read_split(self) -> dict[str, list[Item]]:
-        groups, problems = {}, []
-        for label, (folder, name) in enumerate(zip(self._folders, self.all_classnames)):
-            files = sorted(p.name for p in (self.root / folder).iterdir()
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-            if len(files) < 3:
-                problems.append(f"{self.root / folder}: {len(files)} images; each class needs at least 3 "
-                                "(train, val, test)")
-            groups[label] = [Item(f"{folder}/{f}", label, name) for f in files]
-        if problems:
-            raise DataError(problems, "too few images")
-        return classwise_split(groups, random.Random(self.split_seed))
+        self.split_source = f"50/20/30 split of {self.root} (split_seed={self.split_seed})"
+        groups = {label: [Item(f"{folder}/{name}", label, classname) for name in list_images(self.root / folder)]
+                  for label, (folder, classname) in enumerate(zip(self._folders, self.all_classnames))}
+        where = {label: str(self.root / folder) for label, folder in enumerate(self._folders)}
+        return self.make_split(groups, where, self.split_seed)
+
+
+class CSVRow(NamedTuple):
+    """One image of a label CSV: its line in the file, path, label (a class name), split or None."""
+
+    line: int
+    path: str
+    label: str
+    split: str | None
+
+
+CSV_FORMAT = ("A label CSV is UTF-8 text with a header line naming the columns path,label (optionally split) and "
+              "one row per image: the image's path relative to data.root (default: the CSV's folder), its class "
+              "name, and train/val/test; quote values that contain commas.")
+
+
+def read_label_csv(path: str | Path) -> tuple[list[CSVRow], bool]:
+    """The rows of a label CSV and whether it has a ``split`` column.
+
+    Every problem of the file is reported at once in a `DataError` naming the file and the lines:
+    not UTF-8, empty, not CSV, missing columns, rows with the wrong number of fields or empty
+    cells, split values other than train/val/test, and an image listed twice (same path, in one
+    split or across splits; ``./a.png`` and ``a.png`` are the same). A missing file is a
+    ``FileNotFoundError``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.csv {path} does not exist")
+    if path.is_dir():
+        raise DataError([f"{path}: is a folder, not a CSV file"], "bad data.csv")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError([f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 "
+                         "(e.g. `iconv -f latin1 -t utf-8`, or a spreadsheet's 'CSV UTF-8')"], "bad CSV") from None
+    except OSError as err:
+        raise DataError([f"{path}: cannot read ({err.strerror or err})"], "bad CSV") from None
+    if not text.strip():
+        raise DataError([f"{path}: the file is empty"], "bad CSV", CSV_FORMAT)
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    try:
+        table = [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise DataError([f"{path}, line {reader.line_num}: not readable as CSV ({err})"], "bad CSV",
+                        CSV_FORMAT) from None
+    table = [(line, row) for line, row in table if any(cell.strip() for cell in row)]  # blank lines
+    if not table:
+        raise DataError([f"{path}: the file has no header and no rows"], "bad CSV", CSV_FORMAT)
+    (_, header), body = table[0], table[1:]
+    columns = [name.strip().lower() for name in header]
+    problems = []
+    missing = [name for name in ("path", "label") if name not in columns]
+    repeated = sorted({name for name in columns if columns.count(name) > 1 and name})
+    if missing or repeated:
+        problems.append(f"{path}, line {table[0][0]}: the header {header} " +
+                        (f"lacks the column(s) {missing}" if missing else f"repeats the column(s) {repeated}"))
+        raise DataError(problems, "bad CSV", CSV_FORMAT)
+    has_split = "split" in columns
+    rows, first_line = [], {}
+    for line, cells in body:
+        if len(cells) != len(columns):
+            problems.append(f"{path}, line {line}: {len(cells)} fields, the header has {len(columns)}")
+            continue
+        row = dict(zip(columns, cells))
+        image, label = row["path"], row["label"].strip()
+        split = row["split"].strip().lower() if has_split else None
+        empty = [name for name in ("path", "label", "split") if name in row and not row[name].strip()]
+        if empty:
+            problems.append(f"{path}, line {line}: empty {' and '.join(empty)}")
+            continue
+        if has_split and split not in SPLITS:
+            problems.append(f"{path}, line {line}: split {row['split']!r} is not train, val or test")
+            continue
+        key = path_key(image)
+        if key in first_line:
+            problems.append(f"{path}, line {line}: the image {image!r} is listed again (first on line "
+                            f"{first_line[key]}); an image may be listed once")
+            continue
+        first_line[key] = line
+        rows.append(CSVRow(line, image, label, split))
+    if not body:
+        problems.append(f"{path}: no rows after the header")
+    if problems:
+        raise DataError(problems, f"bad CSV {path}", CSV_FORMAT)
+    return rows, has_split
 
 
 class CSVDataModule(MedicalDataModule):
     """A CSV with columns ``path`` and ``label`` (a class name), optionally ``split``
-    (train/val/test). Paths are relative to ``root`` (default: the CSV's folder).
+    (train/val/test); see `read_label_csv`. Paths are relative to ``root`` (default: the CSV's folder).
 
-    Class names are ``classnames`` if given (their order gives the labels), else the sorted labels.
-    Without a ``split`` column each class is split 50/20/30 with ``split_seed``.
+    Class names are the sorted labels, or ``class_order`` (its order gives the labels; it may name
+    classes the CSV lacks, which then fail the class rule in ``setup``). Without a ``split`` column
+    each class is split 50/20/30 with ``split_seed``.
+
+    (``class_order``, not ``classnames``: ``classnames`` is what the CLI links from the data into the
+    model, and Lightning refuses a datamodule and a model whose hyperparameters share a name with
+    different values.)
     """
 
-    def __init__(self, csv: str, root: str | None = None, classnames: list[str] | None = None,
+    def __init__(self, csv: str, root: str | None = None, class_order: list[str] | None = None,
                  split_seed: int = 1, **kwargs):
         csv_path = Path(csv).expanduser()
         super().__init__(root=root if root is not None else str(csv_path.parent), **kwargs)
         self.csv = csv_path
         self.split_seed = split_seed
-        if not csv_path.is_file():
-            raise FileNotFoundError(f"data.csv {csv_path} does not exist")
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-        missing = {"path", "label"} - set(table.columns)
-        if missing:
-            raise DataError([f"{csv_path}: missing column(s) {sorted(missing)}; found {list(table.columns)}"],
-                            "bad CSV")
-        self.table = table
-        names = sorted(set(table["label"])) if classnames is None else list(classnames)
-        unknown = sorted(set(table["label"]) - set(names))
-        if unknown:
-            raise DataError([f"{csv_path}: labels {unknown} are not in data.classnames {names}"], "bad CSV")
+        self.rows, self.has_split_column = read_label_csv(csv_path)
+        labels = {row.label for row in self.rows}
+        names = sorted(labels) if class_order is None else [str(name).strip() for name in class_order]
+        problems = []
+        if class_order is not None:
+            if not names or any(not name for name in names):
+                problems.append(f"data.class_order {class_order!r}: give the class names, none empty")
+            unknown = sorted(labels - set(names))
+            if unknown:
+                lines = {label: [r.line for r in self.rows if r.label == label][:5] for label in unknown}
+                problems.append(f"{csv_path}: label(s) {unknown} (lines {lines}) are not in data.class_order {names}")
+        folded: dict[str, list[str]] = {}
+        for name in names:
+            folded.setdefault(name.lower(), []).append(name)
+        same = [spellings for spellings in folded.values() if len(spellings) > 1]
+        if same:
+            problems.append(f"{csv_path}: class names that differ only in case are one class for the model: {same}; "
+                            "spell each class one way")
+        if problems:
+            raise DataError(problems, f"bad class names in {csv_path}")
         self._classnames = names
 
     @property
@@ -84,14 +191,13 @@ class CSVDataModule(MedicalDataModule):
         return self._classnames
 
     def read_split(self) -> dict[str, list[Item]]:
+        self.split_source = str(self.csv)
         label_of = {name: i for i, name in enumerate(self._classnames)}
-        items = [Item(row.path, label_of[row.label], row.label) for row in self.table.itertuples()]
-        if "split" not in self.table.columns:
-            groups: dict[int, list[Item]] = {}
-            for item in items:
-                groups.setdefault(item.label, []).append(item)
-            return classwise_split(dict(sorted(groups.items())), random.Random(self.split_seed))
-        bad = sorted(set(self.table["split"]) - set(SPLITS))
-        if bad:
-            raise DataError([f"{self.csv}: split values {bad} are not train/val/test"], "bad CSV")
-        return {name: [i for i, s in zip(items, self.table["split"]) if s == name] for name in SPLITS}
+        items = [(row, Item(row.path, label_of[row.label], row.label)) for row in self.rows]
+        if self.has_split_column:
+            return {name: [item for row, item in items if row.split == name] for name in SPLITS}
+        groups: dict[int, list[Item]] = {label: [] for label in range(len(self._classnames))}
+        for _, item in items:
+            groups[item.label].append(item)
+        where = {label: f"{self.csv} (rows of class {name!r})" for name, label in label_of.items()}
+        return self.make_split(groups, where, self.split_seed)

@@ -1,0 +1,78 @@
+"""The images of a split as a torch dataset, and the sampler that makes a resumed fit exact.
+
+Both draw their randomness from seeds of (seed, epoch[, index]) only, never from a stream that
+earlier epochs consumed: a fit resumed at epoch ``e`` sees exactly the batches and augmentations of
+an uninterrupted fit, with any number of loader workers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from dpt_lightning.data.images import load_rgb
+from dpt_lightning.data.splits import Item
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (distinct inputs give distinct streams in practice)."""
+    value = 0
+    for n in numbers:
+        value = (value * 1_000_003 + int(n)) % (2**63 - 1)
+    return value
+
+
+class EpochShuffleSampler(Sampler):
+    """A random order that depends only on (seed, epoch), yielding ``(index, epoch)`` keys.
+
+    Lightning calls ``set_epoch`` before each epoch. Because the order and the key do not depend on
+    anything that happened before, a fit resumed at epoch ``e`` sees exactly the batches and (via
+    ``ImageListDataset``) the augmentations that an uninterrupted fit sees, with any number of
+    loader workers.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        epoch = self.epoch
+        return iter([(i, epoch) for i in torch.randperm(self.size, generator=generator).tolist()])
+
+
+class ImageListDataset(Dataset):
+    """Images of a list of items, returned as dicts with ``image``, ``label`` and ``path``.
+
+    A key ``(index, epoch)`` (from ``EpochShuffleSampler``) draws the random augmentation from a
+    generator seeded by (seed, epoch, index), so it is reproducible and independent of workers.
+    """
+
+    def __init__(self, image_dir: Path, items: list[Item], transform: Callable, seed: int = 0):
+        self.image_dir = Path(image_dir)
+        self.items = items
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        item = self.items[index]
+        path = self.image_dir / item.relpath
+        image = load_rgb(path)
+        if epoch is None:
+            tensor = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.seed, epoch, index))
+                tensor = self.transform(image)
+        return {"image": tensor, "label": item.label, "path": str(path)}
