@@ -21,9 +21,10 @@ from dpt_lightning import BiomedCLIP, BiomedCoOp, BiomedDPT, DemoDataModule
 from dpt_lightning.data.facts import BENCHMARK_DATASETS, dataset_facts
 from dpt_lightning.descriptions import DescriptionBankError, load_bank
 from dpt_lightning.prompts import reference_n_ctx
-from dpt_lightning.trainers.biomed_coop import BIOMED_COOP_SETTINGS, keep_sentences, sentence_scores
-from dpt_lightning.trainers.biomed_coop import DEFAULT_SETTINGS as COOP_DEFAULTS
-from dpt_lightning.trainers.biomed_dpt import BIOMED_DPT_LAMBDAS, DEFAULT_LAMBDAS, resolve_settings
+from dpt_lightning.methods.biomed_coop import BIOMED_COOP_SETTINGS, keep_sentences, sentence_scores
+from dpt_lightning.methods.biomed_coop import DEFAULT_SETTINGS as COOP_DEFAULTS
+from dpt_lightning.methods.biomed_dpt import BIOMED_DPT_LAMBDAS, DEFAULT_LAMBDAS
+from dpt_lightning.methods.shared import resolve_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["circle", "cross", "square", "stripes"]

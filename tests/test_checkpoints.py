@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 from dpt_lightning import CoOp, DemoDataModule
 from dpt_lightning.checkpoint_io import AtomicCheckpointIO
 from dpt_lightning.export import export_checkpoint, load_exported, main as export_main
-from dpt_lightning.trainers.base import CheckpointMismatchError
+from dpt_lightning.methods import CheckpointMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_export_round_trip_and_no_silent_overwrite(fitted, tmp_path, capsys):
     export_main([str(path), "-o", str(out)])
     assert out.stat().st_size < 10_000
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["dpt_lightning"]["class_path"] == "dpt_lightning.trainers.coop.CoOp"
+    assert card["dpt_lightning"]["class_path"] == "dpt_lightning.methods.coop.CoOp"
     assert card["tensors"] == {"prompt.ctx": [4, 32]}
     loaded = load_exported(out)
     assert torch.equal(loaded.prompt.ctx, model.prompt.ctx)

@@ -8,7 +8,7 @@ import torch
 
 from dpt_lightning import CoOp, ZeroShot
 from dpt_lightning.prompts import ContextPrompt, reference_n_ctx
-from dpt_lightning.trainers.base import dassl_lr_factor
+from dpt_lightning.methods.base import dassl_lr_factor
 
 CLASSES = ["glioma tumor", "normal brain", "pituitary tumor"]
 

@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from dpt_lightning import CoOp, DemoDataModule
 from dpt_lightning.checkpoint_io import AtomicCheckpointIO
-from dpt_lightning.trainers.base import NonFiniteLossError
+from dpt_lightning.methods.base import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("tiny_demo_backbone")  # built once, before any dpt subprocess
 ROOT = Path(__file__).resolve().parents[1]

@@ -222,7 +222,7 @@ def test_vpt_initialisations_and_prompt_dropout(backbone):
 def test_train_mode_policy(backbone):
     vpt, maple = build(VPT, backbone), build(MaPLe, backbone)
     assert (VPT.reference_backbone_dropout, MaPLe.reference_backbone_dropout) == (False, True)
-    assert not VPT.fixed_image_path and not MaPLe.fixed_image_path
+    assert vpt.image_path_key() is None and maple.image_path_key() is None  # never served cached features
     vpt.on_train_epoch_start()
     maple.on_train_epoch_start()
     assert vpt.prompts.training and not vpt.backbone.training

@@ -11,8 +11,8 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from dpt_lightning.checkpoint_io import AtomicCheckpointIO
 from dpt_lightning.callbacks import PredictionWriter, SelectionWriter
-from dpt_lightning.data.base import MedicalDataModule
-from dpt_lightning.trainers.base import PromptTrainer
+from dpt_lightning.data import MedicalDataModule
+from dpt_lightning.methods.base import PromptTrainer
 
 
 class DPTCLI(LightningCLI):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpt_lightning.trainers.base import CheckpointMismatchError, PromptTrainer
+from dpt_lightning.methods import CheckpointMismatchError, PromptTrainer
 
 
 def card_path(weights: str | Path) -> Path:

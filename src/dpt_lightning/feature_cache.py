@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from dpt_lightning.files import atomic_write
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -63,13 +65,21 @@ class EvalFeatureCache:
         self.entries[real] = (size, mtime, feature.detach().float().cpu().clone())
         self.dirty = True
 
+    def features(self, paths: list[str], images: Tensor, encode: Callable[[Tensor], Tensor]) -> Tensor:
+        """Features (B, D) of a batch: cached ones where present, the rest from ``encode`` on the
+        missing images (and stored)."""
+        cached = [self.get(p) for p in paths]
+        missing = [i for i, f in enumerate(cached) if f is None]
+        if missing:
+            fresh = encode(images[missing])
+            for i, feature in zip(missing, fresh):
+                self.put(paths[i], feature)
+                cached[i] = feature
+        return torch.stack([f.to(images.device) for f in cached])
+
     def flush(self) -> None:
         """Write the cache atomically (only if something was added)."""
         if not self.dirty:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".features-", dir=self.file.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(self.entries, f)
-        os.replace(tmp, self.file)
+        atomic_write(self.file, lambda f: torch.save(self.entries, f))
         self.dirty = False

@@ -112,12 +112,17 @@ class ContextPrompt(nn.Module):
             rows.append(order)
         return torch.tensor(rows)
 
-    def forward(self) -> Tensor:
-        """Prompt embeddings (C, L, W) with the context in place."""
+    def forward(self, shift: Tensor | None = None) -> Tensor:
+        """Prompt embeddings (C, L, W) with the context in place; with a per-instance ``shift``
+        (B, W), added to every context vector (CoCoOp's meta-net bias), (B, C, L, W)."""
         num_classes = self.embeddings.shape[0]
         ctx = self.ctx if self.class_specific else self.ctx.expand(num_classes, -1, -1)
         e = self.embeddings
-        x = torch.cat([e[:, :1], ctx.to(e.dtype), e[:, 1 + self.n_ctx:]], dim=1)
+        if shift is not None:
+            ctx = ctx.unsqueeze(0) + shift[:, None, None, :].to(ctx.dtype)  # (B, C, n_ctx, W)
+            e = e.expand(shift.shape[0], *e.shape)
+        x = torch.cat([e[..., :1, :], ctx.to(e.dtype), e[..., 1 + self.n_ctx:, :]], dim=-2)
         if self.position != "end":
-            x = x.gather(1, self.order[..., None].expand(-1, -1, x.shape[-1]))
+            order = self.order.expand(*x.shape[:-2], -1)[..., None].expand(*x.shape)
+            x = x.gather(-2, order)
         return x

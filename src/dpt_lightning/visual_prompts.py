@@ -6,10 +6,10 @@ This module holds what VPT and MaPLe share on top of that:
 
 * ``check_visual_prompts``: the validation of depth, token count and placement mode, with errors
   that name the setting;
-* ``VisualPromptTokens``: free learnable tokens, one set per prompted block (VPT);
-* ``PromptedImagePath``: a mixin that gives a ``PromptTrainer`` its prompted ``encode_images`` from
-  the method's ``visual_prompts()`` (VPT returns its free tokens, MaPLe projections of its text
-  prompts).
+* ``VisualPromptTokens``: free learnable tokens, one set per prompted block (VPT).
+
+A method hands its tokens to the image tower through ``PromptTrainer.visual_prompts()`` (VPT
+returns its free tokens, MaPLe projections of its text prompts, Biomed-DPT constant zeros).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpt_lightning.backbone import BiomedCLIP
@@ -93,21 +92,3 @@ class VisualPromptTokens(nn.Module):
     def forward(self) -> list[Tensor]:
         """One (n_prompts, width) tensor per prompted block (dropout applied in train mode)."""
         return list(self.dropout(self.tokens).unbind(0))
-
-
-class PromptedImagePath:
-    """Mixin for a ``PromptTrainer``: image features through the prompted image tower.
-
-    The method defines ``visual_prompts()`` (one tensor per prompted block, ``[]`` for none) and
-    ``visual_mode`` (``insert`` or ``replace``). Put the mixin before ``PromptTrainer`` in the bases.
-    """
-
-    fixed_image_path = False
-    visual_mode: VisualPromptMode = "replace"
-
-    def visual_prompts(self) -> list[Tensor]:
-        raise NotImplementedError
-
-    def encode_images(self, images: Tensor) -> Tensor:
-        features = self.backbone.encode_image(images, self.visual_prompts(), mode=self.visual_mode)
-        return F.normalize(features.float(), dim=-1)

@@ -2,45 +2,47 @@
 
 It owns what all methods share: the frozen backbone, the class names, the Dassl optimiser and
 schedule, the metrics, logits ``s * f @ t.T`` in fp32, class text features computed once per
-evaluation, and checkpoints that hold only the trainable prompt parameters.
+evaluation, and checkpoints that hold only the trainable parameters.
 
-A method overrides ``configure_prompts`` (build its modules), ``encode_classes`` (class text
-features) and, where its image path or loss differ, ``encode_images`` and ``compute_loss``.
+A method builds its modules in ``configure_prompts`` and overrides the hooks that differ from
+plain zero-shot CLIP. Images are always encoded first, so class features may depend on them:
+
+* image side: ``transform_images`` (input space, e.g. a pixel frame) -> ``visual_prompts`` (tokens
+  entering the ViT blocks, placed by ``visual_mode``) -> ``encode_images`` (all of it, normalised);
+  ``image_path_key`` says whether (and under which key) image features may be cached;
+* text side: ``encode_classes(image_features)`` -> (C, D), or (B, C, D) for a method that declares
+  ``instance_conditioned`` (one set of class features per image, as CoCoOp);
+* ``logits`` and ``compute_loss``.
+
+Helpers for the hooks: ``frozen_class_features`` (hand-crafted prompts or a description bank,
+encoded once without dropout), ``encode_prompt_embeddings`` (prompt embeddings of any leading shape
+through the text tower, normalised) and ``tokenize``.
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy
 
 from dpt_lightning.backbone import BIOMEDCLIP_HUB_ID, BiomedCLIP
+from dpt_lightning.descriptions import resolve_sentences
+from dpt_lightning.methods.checkpoints import check_checkpoint, checkpoint_identity, drop_frozen_weights
+from dpt_lightning.methods.evaluation import TextFeatureCache, make_metrics, metric_logits
 
-CHECKPOINT_FORMAT = 1
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint that does not belong to this model (other backbone, classes or method)."""
+#: Hooks that change the image path; a method overriding any of them is never served cached
+#: plain image features unless it declares its own ``image_path_key``.
+IMAGE_PATH_HOOKS = ("transform_images", "visual_prompts", "encode_images")
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term or the logits became NaN or infinite during training."""
-
-
-def make_metrics(num_classes: int) -> MetricCollection:
-    """Micro accuracy (the headline), macro accuracy, macro F1 and macro AUROC."""
-    n = max(num_classes, 2)  # a single novel class (BUSI) is still a valid, if trivial, task
-    return MetricCollection({
-        "acc": MulticlassAccuracy(n, average="micro"),
-        "macro_acc": MulticlassAccuracy(n, average="macro"),
-        "f1": MulticlassF1Score(n, average="macro"),
-        "auroc": MulticlassAUROC(n, average="macro"),
-    })
 
 
 def dassl_lr_factor(epoch: int, max_epochs: int, warmup_epochs: int, warmup_ratio: float) -> float:
@@ -66,19 +68,20 @@ class PromptTrainer(LightningModule):
             context, class text features recomputed for every evaluation batch). Same results,
             slower; for speed comparisons only.
         cache_eval_features: keep evaluation image features on disk (``$DPT_CACHE_DIR/features``)
-            for methods whose image path learns nothing, so that the runs of a benchmark grid
-            encode each test image once (single process only; see ``feature_cache.py``).
+            for methods whose image path learns nothing (``image_path_key`` not None), so that the
+            runs of a benchmark grid encode each test image once (single process only).
     """
 
     #: Does the method train anything? (False: validate, test and predict only; a benchmark grid
     #: tests it once per dataset instead of fitting it per shot count and seed.)
-    learns: bool = True
+    learns: ClassVar[bool] = True
     #: Reference code: is the whole model switched to train mode (BERT dropout) during training?
-    reference_backbone_dropout: bool = False
-    #: Does the image path have no learnable part? (Then image features may be cached.)
-    fixed_image_path: bool = True
-    #: Text template of the method (``{}`` is the class name).
-    template: str = "a photo of a {}."
+    reference_backbone_dropout: ClassVar[bool] = False
+    #: Do the class features depend on the image? Then ``encode_classes`` receives the image
+    #: features and returns (B, C, D), and evaluation never caches class features.
+    instance_conditioned: ClassVar[bool] = False
+    #: How ``visual_prompts`` enter the ViT: ``replace`` patch tokens 1..N or ``insert`` after CLS.
+    visual_mode: Literal["replace", "insert"] = "replace"
 
     def __init__(
         self,
@@ -108,7 +111,7 @@ class PromptTrainer(LightningModule):
         self.backbone_dropout = self.reference_backbone_dropout if backbone_dropout is None else backbone_dropout
         self.reference_compute = reference_compute
         self.strict_loading = False  # the frozen backbone is not in our checkpoints
-        self._text_cache: tuple[tuple, Tensor] | None = None
+        self.text_cache = TextFeatureCache()
         self._feature_cache = None
         self.configure_prompts()
         metrics = make_metrics(len(self.classnames))
@@ -119,20 +122,45 @@ class PromptTrainer(LightningModule):
 
     # ------------------------------------------------------------------ hooks
     def configure_prompts(self) -> None:
-        """Build the method's prompt modules (the only trainable parameters)."""
+        """Build the method's modules (their parameters are the only trainable ones)."""
 
-    def encode_classes(self) -> Tensor:
-        """Class text features (C, D), L2-normalised, with gradients where prompts learn."""
-        raise NotImplementedError
+    def transform_images(self, images: Tensor) -> Tensor:
+        """Input-space hook: the normalised image batch before the image tower (pixel prompts)."""
+        return images
+
+    def visual_prompts(self) -> list[Tensor]:
+        """Tokens entering the ViT: one (N, W) or (B, N, W) tensor per prompted block; none by default."""
+        return []
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """Image features (B, D), L2-normalised. Default: the plain frozen image tower."""
-        return F.normalize(self.backbone.encode_image(images).float(), dim=-1)
+        """Image features (B, D), L2-normalised: the image tower on ``transform_images(images)``
+        with ``visual_prompts()`` placed by ``visual_mode``."""
+        features = self.backbone.encode_image(self.transform_images(images), self.visual_prompts(),
+                                              mode=self.visual_mode)
+        return F.normalize(features.float(), dim=-1)
 
-    def image_path_key(self) -> str:
-        """Identifies how ``encode_images`` computes (for the evaluation feature cache); a method
-        with fixed visual prompts returns their setting."""
-        return "plain"
+    def image_path_key(self) -> str | None:
+        """Identifies how ``encode_images`` computes, for image-feature caches; ``None``: never cache.
+
+        Derived: ``"plain"`` (the frozen tower) unless the method overrides one of the image-path
+        hooks, then ``None``. A method whose changed image path is nevertheless fixed (constant
+        tokens, no learning) overrides this with a key naming its setting."""
+        cls = type(self)
+        changed = any(getattr(cls, hook) is not getattr(PromptTrainer, hook) for hook in IMAGE_PATH_HOOKS)
+        return None if changed else "plain"
+
+    def encode_classes(self, image_features: Tensor | None = None) -> Tensor:
+        """Class features, L2-normalised, with gradients where prompts learn: (C, D), or (B, C, D)
+        from ``image_features`` (B, D) for an ``instance_conditioned`` method."""
+        raise NotImplementedError
+
+    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """``s * f @ t.T`` (B, C) in fp32 (also under mixed precision); ``text_features`` (C, D) or
+        per image (B, C, D)."""
+        with torch.autocast(self.device.type, enabled=False):
+            f, t = image_features.float(), text_features.float()
+            scores = f @ t.t() if t.dim() == 2 else torch.einsum("bd,bcd->bc", f, t)
+            return self.backbone.logit_scale.float() * scores
 
     def compute_loss(self, logits: Tensor, labels: Tensor, image_features: Tensor,
                      text_features: Tensor) -> dict[str, Tensor]:
@@ -144,55 +172,67 @@ class PromptTrainer(LightningModule):
         """Token ids, trimmed to the longest real prompt unless computing as the reference."""
         return self.backbone.tokenize(texts, trim=not self.reference_compute)
 
-    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        """``s * f @ t.T`` in fp32 (also under mixed precision)."""
-        with torch.autocast(self.device.type, enabled=False):
-            return self.backbone.logit_scale.float() * image_features.float() @ text_features.float().t()
+    def encode_prompt_embeddings(self, embeddings: Tensor, attention_mask: Tensor,
+                                 deep_prompts: list[Tensor] | None = None) -> Tensor:
+        """Text features of prompt embeddings (..., L, W) with their mask (L,) or (C, L), normalised:
+        (..., D). Leading dimensions (classes, or images x classes) are flattened into one batch."""
+        lead, (length, width) = embeddings.shape[:-2], embeddings.shape[-2:]
+        mask = attention_mask.expand(*lead, length).reshape(-1, length)
+        features = self.backbone.encode_text_embeddings(embeddings.reshape(-1, length, width), mask,
+                                                        deep_prompts=deep_prompts)
+        return F.normalize(features.float(), dim=-1).reshape(*lead, -1)
+
+    def frozen_class_features(self, template: str = "a photo of a {}.", descriptions: str | None = None) -> Tensor:
+        """Hand-crafted class features (C, D), encoded once by the frozen backbone without dropout:
+        ``template`` filled with each class name, or with ``descriptions`` (a bank path, a shipped
+        bank name, or ``auto`` for the dataset's) the ensemble of each class's sentences
+        (normalised, averaged, re-normalised). Keep the result as a non-persistent buffer."""
+        if descriptions:
+            sentences = resolve_sentences(descriptions, self.hparams.dataset, self.classnames)
+        else:
+            sentences = [[template.format(name)] for name in self.classnames]
+        return self.backbone.encode_class_sentences(sentences)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def text_features(self, image_features: Tensor) -> Tensor:
+        """``encode_classes`` as training and evaluation call it: evaluation of a method whose class
+        features do not depend on the image computes them once (until a parameter changes)."""
+        if self.instance_conditioned:
+            return self.encode_classes(image_features)
+        if self.training:
+            return self.encode_classes()
+        return self.eval_text_features()
+
     def eval_text_features(self) -> Tensor:
-        """Class text features for evaluation, recomputed only when a prompt parameter changed."""
+        """Class features for evaluation, recomputed only when a learnable parameter changed."""
         if self.reference_compute:
             with torch.no_grad():
                 return self.encode_classes()
-        key = (str(self.device), tuple(p._version for p in self.trainable_parameters()),
-               tuple(p.data_ptr() for p in self.trainable_parameters()))
-        if self._text_cache is None or self._text_cache[0] != key:
-            with torch.no_grad():
-                self._text_cache = (key, self.encode_classes().detach())
-        return self._text_cache[1]
+        return self.text_cache.get(self.trainable_parameters(), self.encode_classes, self.device)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits (B, C) of a batch of images."""
-        text = self.encode_classes() if self.training else self.eval_text_features()
-        return self.logits(self.encode_images(images), text)
+        image_features = self.encode_images(images)
+        return self.logits(image_features, self.text_features(image_features))
 
     def evaluation_logits(self, batch: dict) -> Tensor:
-        """Logits of an evaluation batch, with image features from the cache where allowed."""
+        """Logits of an evaluation batch, with image features from the disk cache where allowed."""
         cache = self._eval_feature_cache()
         if cache is None:
             return self(batch["image"])
-        paths = batch["path"]
-        cached = [cache.get(p) for p in paths]
-        missing = [i for i, f in enumerate(cached) if f is None]
-        if missing:
-            fresh = self.encode_images(batch["image"][missing])
-            for i, feature in zip(missing, fresh):
-                cache.put(paths[i], feature)
-                cached[i] = feature
-        features = torch.stack([f.to(self.device) for f in cached])
-        return self.logits(features, self.eval_text_features())
+        features = cache.features(batch["path"], batch["image"], self.encode_images).to(self.device)
+        return self.logits(features, self.text_features(features))
 
     def _eval_feature_cache(self):
-        if not (self.hparams.cache_eval_features and self.fixed_image_path) or self.training:
+        if not self.hparams.cache_eval_features or self.training or self.image_path_key() is None:
             return None
         if self._trainer is not None and self.trainer.world_size > 1:
             return None
         if self._feature_cache is None:
             from dpt_lightning.feature_cache import EvalFeatureCache, weights_digest
-            from dpt_lightning.tiny import cache_root
+            from dpt_lightning.files import cache_root
 
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             transform = getattr(datamodule, "test_transform", None) or self.backbone.test_transform()
@@ -200,18 +240,11 @@ class PromptTrainer(LightningModule):
                                                    self.image_path_key(), repr(transform))
         return self._feature_cache
 
-    def _flush_feature_cache(self) -> None:
+    def _end_evaluation(self) -> None:
         if self._feature_cache is not None:
             self._feature_cache.flush()
 
-    def on_validation_epoch_end(self) -> None:
-        self._flush_feature_cache()
-
-    def on_test_epoch_end(self) -> None:
-        self._flush_feature_cache()
-
-    def on_predict_epoch_end(self) -> None:
-        self._flush_feature_cache()
+    on_validation_epoch_end = on_test_epoch_end = on_predict_epoch_end = _end_evaluation
 
     # ------------------------------------------------------------ lightning
     def setup(self, stage: str) -> None:
@@ -235,7 +268,7 @@ class PromptTrainer(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         image_features = self.encode_images(images)
-        text_features = self.encode_classes()
+        text_features = self.text_features(image_features)
         logits = self.logits(image_features, text_features)
         losses = self.compute_loss(logits, labels, image_features, text_features)
         self._check_finite(logits, losses)
@@ -243,7 +276,7 @@ class PromptTrainer(LightningModule):
         for name, value in losses.items():
             key = "train_loss" if name == "loss" else f"train_loss_{name}"
             self.log(key, value.detach(), prog_bar=name == "loss", batch_size=batch_size)
-        self.train_metrics(_metric_logits(logits), labels)
+        self.train_metrics(metric_logits(logits), labels)
         self.log_dict(self.train_metrics, prog_bar=True, batch_size=batch_size)
         return losses["loss"]
 
@@ -257,7 +290,7 @@ class PromptTrainer(LightningModule):
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> None:
         logits = self.evaluation_logits(batch)
-        metrics.update(_metric_logits(logits), batch["label"])
+        metrics.update(metric_logits(logits), batch["label"])
         self.log_dict(metrics, prog_bar=True, batch_size=batch["label"].shape[0])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -287,48 +320,11 @@ class PromptTrainer(LightningModule):
     # ----------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict:
         """What a checkpoint records to refuse loading into a different model."""
-        return {"format": CHECKPOINT_FORMAT, "method": type(self).__name__,
-                "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-                "backbone": self.backbone.fingerprint(), "classnames": self.classnames,
-                "protocol": self.hparams.protocol, "dataset": self.hparams.dataset}
+        return checkpoint_identity(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("backbone.")]:
-            del state[key]
+        drop_frozen_weights(checkpoint["state_dict"])
         checkpoint["dpt_lightning"] = self.checkpoint_identity()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        identity = checkpoint.get("dpt_lightning")
-        if identity is None:
-            raise CheckpointMismatchError("this checkpoint was not written by dpt_lightning")
-        mine = self.checkpoint_identity()
-        problems = []
-        if identity["method"] != mine["method"]:
-            problems.append(f"method {identity['method']} (this model: {mine['method']})")
-        for key in ("text_width", "vision_width", "embed_dim", "vocab_size"):
-            if identity["backbone"].get(key) != mine["backbone"].get(key):
-                problems.append(f"backbone {key} {identity['backbone'].get(key)} "
-                                f"(this model: {mine['backbone'].get(key)})")
-        if identity["classnames"] != mine["classnames"] and not (
-                identity.get("protocol") == mine["protocol"] == "base2novel"):
-            problems.append(f"classes {identity['classnames']} (this model: {mine['classnames']}); only a "
-                            "base-to-novel evaluation may load a prompt trained on other classes")
-        if problems:
-            raise CheckpointMismatchError("checkpoint does not fit this model: " + "; ".join(problems))
-        shapes = {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
-        wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(shapes[k])})"
-                 for k, v in checkpoint["state_dict"].items() if k in shapes and v.shape != shapes[k]]
-        if wrong:
-            raise CheckpointMismatchError("checkpoint parameters have other shapes: " + "; ".join(wrong))
-        wanted = {name for name, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(wanted - set(checkpoint["state_dict"]))
-        if missing:
-            raise CheckpointMismatchError(f"checkpoint lacks trainable parameters {missing}")
-
-
-def _metric_logits(logits: Tensor) -> Tensor:
-    """Metrics need at least two classes: a single-class task gets an impossible second class."""
-    if logits.shape[1] >= 2:
-        return logits.detach().float()
-    return torch.cat([logits.detach().float(), torch.full_like(logits, -1e4)], dim=1)
+        check_checkpoint(self, checkpoint)

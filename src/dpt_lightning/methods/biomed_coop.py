@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpt_lightning.descriptions import resolve_sentences
-from dpt_lightning.trainers.biomed_dpt import distillation_kl, record_hparams, resolve_settings
-from dpt_lightning.trainers.coop import CoOp
+from dpt_lightning.methods.coop import CoOp
+from dpt_lightning.methods.shared import distillation_kl, record_hparams, resolve_settings, teacher_sentences
 
 OutlierRule = Literal["reference", "robust"]
 
@@ -113,13 +112,7 @@ class BiomedCoOp(CoOp):
         hp = self.hparams
         if hp.outlier_rule not in ("reference", "robust"):
             raise ValueError(f"model.outlier_rule must be 'reference' or 'robust', got {hp.outlier_rule!r}")
-        sentences = resolve_sentences(hp.descriptions, hp.dataset, self.classnames)
-        fewest = min(len(group) for group in sentences)
-        count = fewest if hp.n_prompts is None else hp.n_prompts
-        if not 1 <= count <= fewest:
-            short = [name for name, group in zip(self.classnames, sentences) if len(group) < count]
-            raise ValueError(f"model.n_prompts={count}: every class needs that many sentences; fewer in {short}")
-        self.teacher_sentences = [group[:count] for group in sentences]
+        self.teacher_sentences = teacher_sentences(hp.descriptions, hp.dataset, self.classnames, hp.n_prompts)
         self.register_buffer("sentence_features", None, persistent=False)
 
     # --------------------------------------------------------------- teacher

@@ -2,8 +2,9 @@
 
 * Text student: the dataset's clinical template whose first N_CTX word pieces are a shared learnable
   context initialised from them (CoOp-style; N_CTX = the reference's word count of the prefix).
-* Text teacher: per class, the description bank's sentences encoded once by the frozen backbone,
-  normalised, averaged and re-normalised (g). Built lazily, once, at the start of fitting; a
+* Text teacher: per class, the description bank's first sentences (as many as the class with the
+  fewest has: the reference's rule) encoded once by the frozen backbone, normalised, averaged and
+  re-normalised (g). Built lazily, once, at the start of fitting; a
   non-persistent buffer, so never in checkpoints (rebuilt from the bank).
 * Vision: ``vision_tokens`` zero vectors (not learnable) that replace patch tokens 1..N before every
   ViT block (reference), are inserted after CLS (variant) or are left out (ablation).
@@ -21,17 +22,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dpt_lightning.data.facts import dataset_facts
-from dpt_lightning.descriptions import resolve_sentences
-from dpt_lightning.trainers.coop import CoOp
-from dpt_lightning.visual_prompts import PromptedImagePath, check_visual_prompts
+from dpt_lightning.methods.coop import CoOp
+from dpt_lightning.methods.shared import (clinical_template, distillation_kl, record_hparams, resolve_settings,
+                                          teacher_sentences)
+from dpt_lightning.visual_prompts import check_visual_prompts
 
 VisionPrompt = Literal["replace", "insert", "off"]
-PROTOCOLS = ("fewshot", "base2novel")
 
 #: (lambda_L1, lambda_KL) per dataset and protocol: the values of the Biomed-DPT reference runs.
 BIOMED_DPT_LAMBDAS: dict[str, dict[str, tuple[float, float]]] = {
@@ -50,73 +48,9 @@ BIOMED_DPT_LAMBDAS: dict[str, dict[str, tuple[float, float]]] = {
 #: Lambdas for data outside the table (the demo, your own data): the table's most common few-shot
 #: setting (BTMRI, LungColon and OCTMNIST use it). Tune them for your data.
 DEFAULT_LAMBDAS = (12.5, 0.25)
-#: The synthetic demo has no clinical vocabulary: it uses the generic prompt.
-DEMO_TEMPLATE = "a photo of a {}."
 
 
-def dataset_setting(table: dict[str, dict[str, tuple]], dataset: str | None, protocol: str) -> tuple | None:
-    """The row of a per-dataset table for ``(dataset, protocol)`` (dataset name matched without
-    case), or ``None`` when the table has none (unknown dataset or protocol not covered)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"model.protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if dataset is None:
-        return None
-    for name, rows in table.items():
-        if name.lower() == dataset.lower():
-            return rows.get(protocol)
-    return None
-
-
-def resolve_settings(given: dict[str, float | None], table: dict[str, dict[str, tuple]], default: tuple,
-                     dataset: str | None, protocol: str, method: str) -> dict[str, float]:
-    """Method settings (loss weights, thresholds) by name: those given, else the per-dataset
-    table's row (values in the order of ``given``), else ``default``; never negative."""
-    row = dataset_setting(table, dataset, protocol)
-    if row is None and any(v is None for v in given.values()):
-        rank_zero_info(f"{method}: no per-dataset settings for dataset {dataset!r} ({protocol}); the documented "
-                       f"defaults {dict(zip(given, default))} fill in those not given")
-    source = default if row is None else row
-    values = {name: float(source[i] if value is None else value) for i, (name, value) in enumerate(given.items())}
-    negative = {name: value for name, value in values.items() if value < 0}
-    if negative:
-        raise ValueError(f"{method}: these settings must be >= 0, got " +
-                         ", ".join(f"model.{name}={value}" for name, value in negative.items()))
-    return values
-
-
-def clinical_template(template: str | None, dataset: str | None) -> str:
-    """The given template, else the dataset's clinical template (datasets.md); clear error for
-    data without a known template."""
-    if template is not None:
-        return template
-    if dataset is None:
-        raise ValueError("BiomedDPT needs model.template for your own data: a clinical prompt with {} for "
-                         "the class name, e.g. 'a CT photo of a {} in the kidney.' (its words before {} "
-                         "initialise the learnable context)")
-    if dataset.lower() == "demo":
-        return DEMO_TEMPLATE
-    try:
-        return dataset_facts(dataset).template
-    except KeyError:
-        raise ValueError(f"BiomedDPT knows no clinical template for dataset {dataset!r}; set model.template "
-                         "(e.g. 'a CT photo of a {} in the kidney.')") from None
-
-
-def record_hparams(module: LightningModule, **values) -> None:
-    """Store settings resolved at construction (from the dataset) in the module's hyper-parameters,
-    so that hparams.yaml and checkpoints show the values actually used. Uses the public
-    ``save_hyperparameters`` so that it also works under LightningCLI (which supplies its config)."""
-    module.save_hyperparameters({**module.hparams, **values})
-
-
-def distillation_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """``KL(softmax(teacher) || softmax(student))`` summed over batch and classes, divided by
-    ``B * C``: the reference code's normalisation (not ``batchmean``)."""
-    return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
-                    reduction="sum", log_target=True) / student_logits.numel()
-
-
-class BiomedDPT(PromptedImagePath, CoOp):
+class BiomedDPT(CoOp):
     """Biomed-DPT: clinical-template student distilled from a description-bank teacher, with a
     zero-vector visual prompt. Only the text context (N_CTX x text width) trains.
 
@@ -125,6 +59,8 @@ class BiomedDPT(PromptedImagePath, CoOp):
             ``{}`` initialise the context; N_CTX = their number (``n_ctx`` overrides).
         descriptions: the description bank: ``auto`` (the dataset's shipped bank), a shipped bank
             name, or a JSON file ``{classname: [sentences]}``.
+        n_prompts: sentences per class in the teacher (each class's first ones); ``None`` = the
+            smallest count of any class (the reference's rule; 50 for the shipped banks).
         lambda_l1, lambda_kl: loss weights; ``None`` = the per-dataset values of the paper for the
             dataset and protocol (`BIOMED_DPT_LAMBDAS`), or `DEFAULT_LAMBDAS` for other data.
             The values used are stored in the hyper-parameters.
@@ -138,12 +74,12 @@ class BiomedDPT(PromptedImagePath, CoOp):
     """
 
     reference_backbone_dropout = True
-    fixed_image_path = True  # the zero tokens never change: evaluation image features may be cached
 
     def __init__(
         self,
         template: str | None = None,
         descriptions: str = "auto",
+        n_prompts: int | None = None,
         lambda_l1: float | None = None,
         lambda_kl: float | None = None,
         vision_prompt: VisionPrompt = "replace",
@@ -168,7 +104,7 @@ class BiomedDPT(PromptedImagePath, CoOp):
                              depth_setting="vision_depth", count_setting="vision_tokens", mode_setting="vision_prompt")
         self.register_buffer("vision_zeros", torch.zeros(hp.vision_tokens, self.backbone.vision_width),
                              persistent=False)
-        self.teacher_sentences = resolve_sentences(hp.descriptions, hp.dataset, self.classnames)
+        self.teacher_sentences = teacher_sentences(hp.descriptions, hp.dataset, self.classnames, hp.n_prompts)
         self.register_buffer("teacher_features", None, persistent=False)
 
     def resolve_dataset_settings(self) -> None:
@@ -176,7 +112,7 @@ class BiomedDPT(PromptedImagePath, CoOp):
         hp = self.hparams
         lambdas = resolve_settings({"lambda_l1": hp.lambda_l1, "lambda_kl": hp.lambda_kl}, BIOMED_DPT_LAMBDAS,
                                    DEFAULT_LAMBDAS, hp.dataset, hp.protocol, "BiomedDPT")
-        record_hparams(self, template=clinical_template(hp.template, hp.dataset), **lambdas)
+        record_hparams(self, template=clinical_template(hp.template, hp.dataset, "BiomedDPT"), **lambdas)
 
     # --------------------------------------------------------------- teacher
     def teacher_text_features(self) -> Tensor:
@@ -194,6 +130,7 @@ class BiomedDPT(PromptedImagePath, CoOp):
         return [self.vision_zeros] * self.vision_depth
 
     def image_path_key(self) -> str:
+        """The zero tokens never change, so image features may be cached: under their own key."""
         if not self.vision_depth:
             return "plain"
         return f"zero-tokens:{self.visual_mode}:{self.hparams.vision_tokens}x{self.vision_depth}"

@@ -1,11 +1,10 @@
 """CoOp (Zhou et al., IJCV 2022): a learnable context in the text tower's word-embedding space."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
+from dpt_lightning.methods.base import PromptTrainer
 from dpt_lightning.prompts import ClassTokenPosition, ContextPrompt
-from dpt_lightning.trainers.base import PromptTrainer
 
 
 class CoOp(PromptTrainer):
@@ -36,6 +35,5 @@ class CoOp(PromptTrainer):
                                     random_init=hp.random_init, class_specific=hp.class_specific,
                                     position=hp.class_token_position, trim=not self.reference_compute)
 
-    def encode_classes(self) -> Tensor:
-        features = self.backbone.encode_text_embeddings(self.prompt(), self.prompt.attention_mask)
-        return F.normalize(features.float(), dim=-1)
+    def encode_classes(self, image_features: Tensor | None = None) -> Tensor:
+        return self.encode_prompt_embeddings(self.prompt(), self.prompt.attention_mask)

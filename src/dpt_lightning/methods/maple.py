@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpt_lightning.methods.base import PromptTrainer
 from dpt_lightning.prompts import ContextPrompt
-from dpt_lightning.trainers.base import PromptTrainer
-from dpt_lightning.visual_prompts import PromptedImagePath, VisualPromptMode, check_visual_prompts
+from dpt_lightning.visual_prompts import VisualPromptMode, check_visual_prompts
 
 
-class MaPLe(PromptedImagePath, PromptTrainer):
+class MaPLe(PromptTrainer):
     """Multi-modal prompts: a learnable text context plus deep text prompts, each mapped into the
     image tower by its own coupling ``Linear(text_width -> vision_width)``; cross-entropy loss.
 
@@ -78,7 +77,6 @@ class MaPLe(PromptedImagePath, PromptTrainer):
     def visual_prompts(self) -> list[Tensor]:
         return [couple(prompt) for couple, prompt in zip(self.coupling, self.text_prompts())]
 
-    def encode_classes(self) -> Tensor:
-        features = self.backbone.encode_text_embeddings(self.prompt(), self.prompt.attention_mask,
-                                                        deep_prompts=list(self.deep_text))
-        return F.normalize(features.float(), dim=-1)
+    def encode_classes(self, image_features: Tensor | None = None) -> Tensor:
+        return self.encode_prompt_embeddings(self.prompt(), self.prompt.attention_mask,
+                                             deep_prompts=list(self.deep_text))

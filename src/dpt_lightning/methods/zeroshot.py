@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dpt_lightning.descriptions import load_bank, sentences_for
-from dpt_lightning.trainers.base import PromptTrainer
+from dpt_lightning.methods.base import PromptTrainer
 
 
 class ZeroShot(PromptTrainer):
@@ -23,15 +22,8 @@ class ZeroShot(PromptTrainer):
         super().__init__(**kwargs)
 
     def configure_prompts(self) -> None:
-        hp = self.hparams
-        if hp.descriptions:
-            source = hp.dataset if hp.descriptions == "auto" else hp.descriptions
-            if source is None:
-                raise ValueError("model.descriptions: 'auto' needs a benchmark dataset; pass a JSON bank path")
-            sentences = sentences_for(load_bank(source), self.classnames, source)
-        else:
-            sentences = [[hp.template.format(name)] for name in self.classnames]
-        self.register_buffer("class_features", self.backbone.encode_class_sentences(sentences), persistent=False)
+        features = self.frozen_class_features(self.hparams.template, self.hparams.descriptions)
+        self.register_buffer("class_features", features, persistent=False)
 
-    def encode_classes(self) -> Tensor:
+    def encode_classes(self, image_features: Tensor | None = None) -> Tensor:
         return self.class_features
