@@ -6,6 +6,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from dpt_lightning.files import atomic_write
 
 
 def run_dir(trainer: Trainer) -> Path:
@@ -42,15 +45,20 @@ class SelectionWriter(Callback):
         }
 
 
-class PredictionWriter(Callback):
+class PredictionWriter(BasePredictionWriter):
     """Writes ``predict`` results as CSV: path, predicted class, one probability per class.
+
+    The file is written once, atomically, after the last batch: an interrupted or failed predict
+    leaves no partial file behind.
 
     Args:
         path: output file (default ``<log dir>/predictions.csv``).
-        overwrite: replace an existing file; otherwise an existing file is an error.
+        overwrite: replace an existing file; otherwise an existing file is an error (checked before
+            inference starts, and again when writing).
     """
 
     def __init__(self, path: str | None = None, overwrite: bool = False):
+        super().__init__(write_interval="epoch")
         self.path = path
         self.overwrite = overwrite
 
@@ -63,20 +71,18 @@ class PredictionWriter(Callback):
             raise FileExistsError(f"{target} exists; choose another --predictions.path or pass "
                                   "--predictions.overwrite true")
 
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        outputs = trainer.predict_loop.predictions
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
         target = self._target(trainer)  # on every rank (collective under DDP)
-        if not outputs or not trainer.is_global_zero:
+        if not predictions or not trainer.is_global_zero:
             return
-        if isinstance(outputs[0], list):  # several dataloaders
-            outputs = [o for group in outputs for o in group]
+        if isinstance(predictions[0], list):  # several dataloaders
+            predictions = [p for group in predictions for p in group]
         names = pl_module.classnames
-        probs = torch.cat([o["probs"] for o in outputs]).float().cpu()
+        probs = torch.cat([p["probs"] for p in predictions]).float().cpu()
         table = pd.DataFrame({
-            "path": [p for o in outputs for p in o["path"]],
+            "path": [path for p in predictions for path in p["path"]],
             "prediction": [names[i] for i in probs.argmax(1).tolist()],
             **{f"prob_{name}": probs[:, k].numpy() for k, name in enumerate(names)},
         })
-        target.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(target, index=False)
+        atomic_write(target, table.to_csv(index=False), exclusive=not self.overwrite)
         print(f"predictions of {len(table)} images written to {target}")

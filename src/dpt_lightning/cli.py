@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -46,13 +47,15 @@ class DPTCLI(LightningCLI):
         if config.get("test_after_fit", True) and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule)
 
-    def _set_seed(self) -> None:
-        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then let ``seed_everything: true`` (the default) mean the data's seed."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
         if config.get("seed_everything") is True:
             seed = config.get("data.init_args.seed") if config.get("data") is not None else None
             if isinstance(seed, int):
                 config["seed_everything"] = seed
-        super()._set_seed()
 
 
 def build_cli(args: list[str] | None = None, run: bool = True, parser_kwargs: dict | None = None) -> DPTCLI:
@@ -61,6 +64,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, parser_kwargs: di
     argument parser (e.g. ``{"exit_on_error": False}``: argument errors raise instead of exiting)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_warnings()
+    importable_working_directory()
     return DPTCLI(
         PromptTrainer,
         MedicalDataModule,
@@ -87,6 +91,14 @@ def find_last_checkpoint(root: str | Path) -> Path:
         raise FileNotFoundError(f"--ckpt_path last: no checkpoints/last.ckpt under {Path(root).resolve()}; "
                                 "pass --trainer.default_root_dir of the run to resume, or the checkpoint's path")
     return found[-1]
+
+
+def importable_working_directory() -> None:
+    """Let configs name classes in modules of the current folder (``--model my_method.MyCoOp``), as
+    ``python -m`` would: the working directory goes at the front of the import path."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def quiet_known_warnings() -> None:

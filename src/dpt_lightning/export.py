@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from dpt_lightning.files import atomic_write
 from dpt_lightning.methods import CheckpointMismatchError, PromptTrainer
 
 
@@ -35,12 +36,17 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     if identity is None:
         raise CheckpointMismatchError(f"{checkpoint} was not written by dpt_lightning")
     tensors = {k: v.contiguous() for k, v in state["state_dict"].items()}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output))
-    info = {"dpt_lightning": identity, "hyper_parameters": dict(state.get("hyper_parameters", {})),
+    info = {"dpt_lightning": identity, "hyper_parameters": method_settings(state.get("hyper_parameters", {})),
             "tensors": {k: list(v.shape) for k, v in tensors.items()}}
-    card.write_text(json.dumps(info, indent=2, default=str))
+    atomic_write(output, save(tensors), exclusive=not overwrite)
+    atomic_write(card, json.dumps(info, indent=2, default=str), exclusive=not overwrite)
     return output, card
+
+
+def method_settings(hyper_parameters: dict) -> dict:
+    """The method's own settings: the hyper-parameters without the entries LightningCLI adds
+    (``_class_path``, ``_instantiator``), which are no arguments of the method."""
+    return {k: v for k, v in dict(hyper_parameters).items() if not str(k).startswith("_")}
 
 
 def _method_class(class_path: str, method_class: type | None) -> type:
@@ -62,7 +68,7 @@ def load_exported(weights: str | Path, method_class: type | None = None, **overr
     card = json.loads(card_path(weights).read_text())
     identity = card["dpt_lightning"]
     cls = _method_class(identity.get("class_path", ""), method_class)
-    model = cls(**{**card["hyper_parameters"], **overrides})
+    model = cls(**{**method_settings(card["hyper_parameters"]), **overrides})
     checkpoint = {"dpt_lightning": identity, "state_dict": load_file(str(weights))}
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=False)
