@@ -65,6 +65,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, parser_kwargs: di
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_warnings()
     importable_working_directory()
+    args = with_shipped_configs(sys.argv[1:] if args is None else list(args))
     return DPTCLI(
         PromptTrainer,
         MedicalDataModule,
@@ -91,6 +92,33 @@ def find_last_checkpoint(root: str | Path) -> Path:
         raise FileNotFoundError(f"--ckpt_path last: no checkpoints/last.ckpt under {Path(root).resolve()}; "
                                 "pass --trainer.default_root_dir of the run to resume, or the checkpoint's path")
     return found[-1]
+
+
+#: The checkout holding the shipped ``trainers/`` and ``datasets/`` configs (source layout).
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def with_shipped_configs(args: list[str]) -> list[str]:
+    """``--config trainers/<x>.yaml`` and ``datasets/<x>.yaml`` work from any folder: a config path
+    that does not exist here but names a shipped config is read from the dpt_lightning checkout."""
+    out = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if i > 0 and args[i - 1] == "--config":
+            arg = str(_shipped(arg))
+        elif flag == "--config" and eq:
+            arg = f"--config={_shipped(value)}"
+        out.append(arg)
+    return out
+
+
+def _shipped(path: str) -> Path | str:
+    given = Path(path)
+    shipped = CHECKOUT / given
+    if not given.exists() and not given.is_absolute() and given.parts[:1] in (("trainers",), ("datasets",)) \
+            and shipped.is_file():
+        return shipped
+    return path
 
 
 def importable_working_directory() -> None:
