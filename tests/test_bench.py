@@ -1,7 +1,8 @@
 """dpt-bench: grid expansion, resume, failure recording and the aggregation arithmetic.
 
 Most tests use a stand-in executor (no training), so they check the runner's own logic; one test
-runs a small grid for real through the dpt command's code (tiny backbone, one epoch).
+runs a small grid for real through the dpt command's code (tiny backbone, one epoch). Workers,
+job arrays, locks and the collector: tests/test_bench_scale.py.
 """
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpt_lightning import bench, bench_report, bench_run
+from dpt_lightning import bench
 from dpt_lightning.bench import GridError, expand, load_grid, read_results, run_grid
+from dpt_lightning.bench import command as bench_command
+from dpt_lightning.bench import job as bench_job
+from dpt_lightning.bench import local as bench_local
+from dpt_lightning.bench import report as bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +50,7 @@ def grid_file(folder: Path, **settings) -> Path:
 
 
 class FakeExecutor:
-    """Stands in for `bench_run.execute`: records calls, fails the run ids it is told to."""
+    """Stands in for `job.execute`: records calls, fails the run ids it is told to."""
 
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
@@ -173,15 +178,15 @@ def test_a_run_that_raises_is_recorded_with_its_error(tmp_path, monkeypatch):
     def explode(args):
         raise ValueError("the data is on fire")
 
-    monkeypatch.setattr(bench_run, "invoke_cli", explode)
-    row = bench_run.execute([("fit", ["--config", "x.yaml"], "")], tmp_path / "r")
+    monkeypatch.setattr(bench_job, "build", explode)
+    row = bench_job.execute([("fit", ["--config", "x.yaml"], "")], tmp_path / "r")
     assert row["status"] == "failed" and row["error"] == "ValueError: the data is on fire"
     assert "the data is on fire" in (tmp_path / "r" / "error.txt").read_text()
     assert row["total_seconds"] >= 0
 
 
 def test_a_cli_argument_error_is_a_failed_run_not_an_exit(tmp_path):
-    row = bench_run.execute([("fit", ["--config", str(tmp_path / "nope.yaml")], "")], tmp_path / "r")
+    row = bench_job.execute([("fit", ["--config", str(tmp_path / "nope.yaml")], "")], tmp_path / "r")
     assert row["status"] == "failed"
     assert "the dpt command exited" in row["error"] and "nope.yaml" in row["error"]
 
@@ -189,18 +194,18 @@ def test_a_cli_argument_error_is_a_failed_run_not_an_exit(tmp_path):
 def test_ctrl_c_in_a_run_stops_the_grid_and_keeps_the_finished_rows(configs, tmp_path, monkeypatch):
     import dpt_lightning.cli
 
-    def lightning_exits(args):  # the run was built (its meter exists), then Lightning's graceful exit
-        bench_run.RunMeter()
+    def lightning_exits(args, **kwargs):  # the run was built (its meter exists), then Lightning's graceful exit
+        bench_job.RunMeter()
         raise SystemExit(1)
 
     monkeypatch.setattr(dpt_lightning.cli, "build_cli", lightning_exits)
-    with pytest.raises(bench_run.GridInterrupted):
-        bench_run.execute([("fit", [], "")], tmp_path / "r")
+    with pytest.raises(bench_job.GridInterrupted):
+        bench_job.execute([("fit", [], "")], tmp_path / "r")
 
     class StopsAtThird(FakeExecutor):
         def __call__(self, stages, run_dir):
             if len(self.calls) == 2:
-                raise bench_run.GridInterrupted("Ctrl+C")
+                raise bench_job.GridInterrupted("Ctrl+C")
             return super().__call__(stages, run_dir)
 
     out = tmp_path / "run"
@@ -350,16 +355,19 @@ def test_plain_rerun_continues_the_newest_folder_and_new_starts_another(configs,
     grid = grid_file(configs, name="again", output=str(tmp_path / "runs"))
     calls = []
 
-    def fake_run_grid(grid, folder, executor=None, fail_fast=False, stream=None):
+    def fake_run_grid(grid, folder, executor=None, fail_fast=False, stream=None, **kwargs):
         calls.append(folder)
         return run_grid(grid, folder, executor=FakeExecutor(), stream=stream)
 
-    monkeypatch.setattr(bench, "run_grid", fake_run_grid)
-    monkeypatch.setattr(bench, "new_run_folder", lambda g: tmp_path / "runs" / f"again_{len(calls)}")
+    def stamped(n):  # run folders are named <grid>_<date>_<time>
+        return tmp_path / "runs" / f"again_2031-01-0{n + 1}_00-00-00"
+
+    monkeypatch.setattr(bench_local, "run_grid", fake_run_grid)
+    monkeypatch.setattr(bench_command, "new_run_folder", lambda g: stamped(len(calls)))
     assert bench.main([str(grid)]) == 0
     assert bench.main([str(grid)]) == 0
-    assert calls[0] == calls[1] == tmp_path / "runs" / "again_0"
+    assert calls[0] == calls[1] == stamped(0)
     assert len(read_results(calls[0])) == 14
     assert bench.main([str(grid), "--new"]) == 0
-    assert calls[2] == tmp_path / "runs" / "again_2"
+    assert calls[2] == stamped(2)
     assert bench.main([str(grid), "--new", "--resume"]) == 2  # contradictory options

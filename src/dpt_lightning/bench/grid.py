@@ -1,0 +1,376 @@
+"""Benchmark grids: the grid YAML file, its checks, and its expansion into cells (runs).
+
+A grid names methods (method configs), datasets (dataset configs and their data root), shots,
+seeds, the protocol(s) and overrides; `load_grid` reads and checks it (every problem names the
+file and the key), `expand` turns it into `Run` objects (the cells of the grid), and each `Run`
+knows the ``dpt`` arguments that execute it and the fingerprint that says whether a stored result
+is still valid.
+
+Grid keys (paths are relative to the grid file)::
+
+    name: fewshot                     # default: the grid file's name
+    protocol: fewshot                 # fewshot | base2novel, or a list of both
+    methods:                          # a method config, or {config, name, fit, args}
+      - ../trainers/coop.yaml
+      - {config: ../trainers/zeroshot.yaml, name: zeroshot}
+    datasets:                         # a dataset config, or {config, name, root, args}
+      - ../datasets/btmri.yaml
+    data_root: ${DPT_DATA_ROOT}       # --data.root of every dataset without its own root ($VARS expand)
+    shots: [1, 2, 4, 8, 16]           # base2novel: default [16]
+    seeds: [1, 2, 3]
+    trainer: {max_epochs: 50}         # --trainer.<key> for every run; also model:, data:
+    args: []                          # raw extra dpt arguments for every run
+    output: runs                      # where timestamped run folders go (relative to the cwd)
+    published: auto                   # show the papers' averages: auto (benchmark datasets) | true | false
+
+A method whose class declares ``learns = False`` (ZeroShot) is tested once per dataset and
+protocol: shots and seeds do not change its result. ``fit:`` in the grid overrides the class.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+PROTOCOLS = ("fewshot", "base2novel")
+GRID_KEYS = {"name", "protocol", "methods", "datasets", "data_root", "shots", "seeds", "trainer", "model",
+             "data", "args", "output", "published"}
+ENTRY_KEYS = {"methods": {"config", "name", "fit", "args"}, "datasets": {"config", "name", "root", "args"}}
+#: Packages whose classes are not part of a method's own source (a method's fingerprint covers the
+#: files of its class and of its base classes from dpt_lightning or the user's own modules).
+FRAMEWORK_PACKAGES = {"builtins", "abc", "typing", "torch", "lightning", "pytorch_lightning", "lightning_fabric",
+                      "torchmetrics"}
+
+
+class GridError(ValueError):
+    """A grid file that cannot be run; the message names the file and the setting."""
+
+
+# ------------------------------------------------------------------------------ the grid
+@dataclass(frozen=True)
+class Entry:
+    """A method or a dataset of the grid: its config file and its own extra arguments."""
+
+    name: str
+    config: str
+    args: tuple[str, ...] = ()
+    root: str | None = None  # datasets only
+    fit: bool = True  # methods only: False = test only (nothing to learn)
+
+
+@dataclass
+class Grid:
+    name: str
+    protocols: list[str]
+    methods: list[Entry]
+    datasets: list[Entry]
+    shots: dict[str, list[int]]  # per protocol
+    seeds: list[int]
+    args: list[str]  # overrides for every run
+    output: str = "runs"
+    published: str = "auto"
+    source: str = ""
+
+    def to_yaml(self) -> str:
+        """The grid with every path resolved: loading it again gives the same runs."""
+        data = {
+            "name": self.name, "protocol": self.protocols,
+            "methods": [{"config": m.config, "name": m.name, "fit": m.fit, "args": list(m.args)} for m in self.methods],
+            "datasets": [{"config": d.config, "name": d.name, "root": d.root, "args": list(d.args)}
+                         for d in self.datasets],
+            "shots": self.shots if len(self.protocols) > 1 else self.shots[self.protocols[0]],
+            "seeds": self.seeds, "args": self.args, "output": self.output, "published": self.published,
+        }
+        return f"# dpt-bench grid as run (from {self.source})\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of ``text`` on every system (letters, digits, ``.``, ``_``, ``-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-.") or "x"
+
+
+def _flag(prefix: str, key: str, value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"--{prefix}{key}={text}"
+
+
+def override_args(raw: dict, where: str) -> list[str]:
+    """``trainer:``, ``model:``, ``data:`` mappings and ``args:`` as dpt command-line arguments."""
+    out = []
+    for section, prefix in (("trainer", "trainer."), ("model", "model.init_args."), ("data", "data.init_args.")):
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise GridError(f"{where}: '{section}' must be a mapping of settings, e.g. {{max_epochs: 5}}")
+        out += [_flag(prefix, key, value) for key, value in values.items()]
+    extra = raw.get("args") or []
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise GridError(f"{where}: 'args' must be a list of strings (dpt command-line arguments)")
+    return out + list(extra)
+
+
+# ------------------------------------------------------------------- the method class
+def model_class_path(config: str | Path, args=()) -> str | None:
+    """The ``model`` class path a run uses: the config's ``model.class_path``, or the last
+    ``--model X`` / ``--model=X`` / ``--model.class_path X`` among ``args``."""
+    model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
+    found = model.get("class_path") if isinstance(model, dict) else (model if isinstance(model, str) else None)
+    args = list(args)
+    for i, arg in enumerate(args):
+        for flag in ("--model", "--model.class_path"):
+            if arg == flag and i + 1 < len(args):
+                found = args[i + 1]
+            elif arg.startswith(flag + "="):
+                found = arg.split("=", 1)[1]
+    return found
+
+
+def import_class(class_path: str | None) -> type | None:
+    """The class named by a config's class path (a bare name is looked up in ``dpt_lightning``);
+    None when it cannot be imported (the run itself then reports the bad class path)."""
+    if not class_path or not isinstance(class_path, str):
+        return None
+    module, _, attr = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "dpt_lightning"), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def method_learns(config: str | Path, args=()) -> bool:
+    """The method class's ``learns`` declaration (True when the class cannot be imported: the
+    run will report it). ``fit:`` in the grid overrides it."""
+    cls = import_class(model_class_path(config, args))
+    return bool(getattr(cls, "learns", True)) if cls is not None else True
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def method_source(class_path: str | None) -> dict[str, str]:
+    """``{module: sha256 of its file}`` for the method class and its base classes outside the
+    frameworks (dpt_lightning's and the user's own): editing any of those files changes the
+    fingerprint of the method's runs, so their results are recomputed."""
+    cls = import_class(class_path)
+    if cls is None:
+        return {"unresolved": str(class_path)}
+    digests = {}
+    for klass in inspect.getmro(cls):
+        module = klass.__module__ or ""
+        if module.split(".")[0] in FRAMEWORK_PACKAGES:
+            continue
+        try:
+            path = inspect.getsourcefile(klass)
+        except TypeError:  # a built-in class
+            continue
+        if path and os.path.isfile(path):
+            stat = os.stat(path)
+            digests[module] = _file_digest(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    return dict(sorted(digests.items()))
+
+
+# ----------------------------------------------------------------------- reading a grid
+def _entries(raw: dict, kind: str, base: Path, where: str, data_root: str | None, common=()) -> list[Entry]:
+    items = raw.get(kind)
+    if not isinstance(items, list) or not items:
+        raise GridError(f"{where}: '{kind}' must be a non-empty list of config files")
+    entries, problems = [], []
+    for item in items:
+        spec = {"config": item} if isinstance(item, str) else item
+        if not isinstance(spec, dict) or "config" not in spec:
+            problems.append(f"{kind} entry {item!r}: give a config file or {{config: FILE, ...}}")
+            continue
+        unknown = set(spec) - ENTRY_KEYS[kind]
+        if unknown:
+            problems.append(f"{kind} entry {spec['config']}: unknown key(s) {sorted(unknown)}; "
+                            f"allowed: {sorted(ENTRY_KEYS[kind])}")
+            continue
+        config = (base / str(spec["config"])).expanduser().resolve()
+        if not config.is_file():
+            problems.append(f"{kind} config {spec['config']} not found (looked for {config}); paths are "
+                            "relative to the grid file")
+            continue
+        args = spec.get("args") or []
+        if not isinstance(args, list):
+            problems.append(f"{kind} entry {spec['config']}: 'args' must be a list of strings")
+            continue
+        name = safe_name(spec.get("name") or config.stem)
+        args = tuple(map(str, args))
+        if kind == "methods":
+            fit = spec["fit"] if "fit" in spec else method_learns(config, [*common, *args])
+            entries.append(Entry(name, str(config), args, fit=bool(fit)))
+        else:
+            root = spec.get("root", data_root)
+            if root is not None:
+                root = _expand_root(root, base, f"{where}: datasets entry {spec['config']}: root")
+            entries.append(Entry(name, str(config), args, root=root))
+    names = [e.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"{kind} names {duplicates} appear twice; give each entry its own 'name'")
+    if problems:
+        raise GridError(f"{where}: " + "; ".join(problems))
+    return entries
+
+
+def _expand_root(value, base: Path, where: str) -> str:
+    """A data root with ``$VARIABLES`` and ``~`` expanded, relative to the grid file's folder."""
+    expanded = os.path.expandvars(str(value))
+    if "$" in expanded:
+        raise GridError(f"{where} {value!r} names an environment variable that is not set: set it (e.g. "
+                        "export DPT_DATA_ROOT=/path/to/data) or write the folder in the grid")
+    return str((base / expanded).expanduser().resolve())
+
+
+def _int_list(raw: dict, key: str, where: str, default=None) -> list[int]:
+    value = raw.get(key)
+    value = default if value is None else value
+    value = [value] if isinstance(value, int) else value
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+        raise GridError(f"{where}: '{key}' must be a list of integers, e.g. {key}: [1, 2, 3]")
+    return list(value)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file; every problem is a `GridError` naming the file and the key."""
+    path = Path(path).expanduser().resolve()
+    where = f"grid {path}"
+    if not path.is_file():
+        raise GridError(f"{where}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise GridError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{where}: expected a mapping of settings at the top level")
+    unknown = set(raw) - GRID_KEYS
+    if unknown:
+        raise GridError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
+    protocols = raw.get("protocol", "fewshot")
+    protocols = [protocols] if isinstance(protocols, str) else list(protocols or [])
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise GridError(f"{where}: protocol must be fewshot, base2novel or a list of them, got {bad or protocols}")
+    base = path.parent
+    shots_raw = raw.get("shots")
+    if isinstance(shots_raw, dict):  # per protocol (the copy written into a run folder)
+        shots = {p: _int_list(shots_raw, p, where, [16] if p == "base2novel" else None) for p in protocols}
+    else:
+        shots = {p: _int_list(raw, "shots", where, [16] if p == "base2novel" else None) for p in protocols}
+    bad_shots = sorted({k for values in shots.values() for k in values if k < 1})
+    if bad_shots:
+        raise GridError(f"{where}: shots must be at least 1, got {bad_shots}")
+    published = str(raw.get("published", "auto")).lower()
+    if published not in ("auto", "true", "false"):
+        raise GridError(f"{where}: published must be auto, true or false, got {raw['published']!r}")
+    common = override_args(raw, where)
+    return Grid(
+        name=safe_name(raw.get("name") or path.stem),
+        protocols=protocols,
+        methods=_entries(raw, "methods", base, where, None, common),
+        datasets=_entries(raw, "datasets", base, where,
+                          None if raw.get("data_root") is None else _expand_root(raw["data_root"], base,
+                                                                                 f"{where}: data_root")),
+        shots=shots,
+        seeds=_int_list(raw, "seeds", where, [1]),
+        args=common,
+        output=str(raw.get("output", "runs")),
+        published=published,
+        source=str(path),
+    )
+
+
+# --------------------------------------------------------------------------- the runs
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid. ``shots`` and ``seed`` are None for a method that learns nothing."""
+
+    method: Entry
+    dataset: Entry
+    protocol: str
+    shots: int | None
+    seed: int | None
+    common: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def run_id(self) -> str:
+        parts = [self.method.name, self.dataset.name, self.protocol]
+        if self.shots is not None:
+            parts += [f"K{self.shots}", f"seed{self.seed}"]
+        return safe_name("_".join(parts))
+
+    def label(self) -> str:
+        text = f"{self.method.name} | {self.dataset.name} | {self.protocol}"
+        return text + (f" | K={self.shots} | seed {self.seed}" if self.shots is not None else " | test only")
+
+    def base_args(self, run_dir: Path) -> list[str]:
+        args = ["--config", self.method.config, "--config", self.dataset.config]
+        if self.dataset.root:
+            args += ["--data.root", self.dataset.root]
+        args += [*self.common, *self.method.args, *self.dataset.args]
+        if self.shots is not None:
+            args += ["--data.num_shots", str(self.shots), "--data.seed", str(self.seed)]
+        return args + ["--trainer.default_root_dir", str(run_dir)]
+
+    def stages(self, run_dir: Path) -> list[tuple[str, list[str], str]]:
+        """The dpt subcommands of this run: ``(subcommand, args, metric prefix)``. A ``{ckpt}``
+        argument stands for the checkpoint the run's fit wrote."""
+        first = "fit" if self.method.fit else "test"
+        if self.protocol == "fewshot":
+            return [(first, [*self.base_args(run_dir), "--data.subsample", "all"], "")]
+        novel = [*self.base_args(run_dir / "novel"), "--data.subsample", "new"]
+        if self.method.fit:
+            novel += ["--ckpt_path", "{ckpt}"]
+        return [(first, [*self.base_args(run_dir), "--data.subsample", "base"], ""), ("test", novel, "novel_")]
+
+    def settings(self) -> dict:
+        return {"run_id": self.run_id, "method": self.method.name, "method_config": self.method.config,
+                "fit": self.method.fit, "dataset": self.dataset.name, "dataset_config": self.dataset.config,
+                "root": self.dataset.root or "", "protocol": self.protocol,
+                "shots": self.shots if self.shots is not None else "", "seed": self.seed if self.seed is not None else "",
+                "overrides": " ".join([*self.common, *self.method.args, *self.dataset.args])}
+
+    def fingerprint(self) -> str:
+        """Digest of everything that determines the result: the configs' content (comments
+        ignored), the data root, the overrides, the protocol, shots and seed, and the source files
+        of the method class and its base classes (`method_source`)."""
+        content = [yaml.safe_load(Path(p).read_text()) for p in (self.method.config, self.dataset.config)]
+        source = method_source(model_class_path(self.method.config, [*self.common, *self.method.args]))
+        key = json.dumps([content, asdict(self.method) | {"config": ""}, asdict(self.dataset) | {"config": ""},
+                          list(self.common), self.protocol, self.shots, self.seed, source],
+                         sort_keys=True, default=str)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def expand(grid: Grid) -> list[Run]:
+    """All runs of the grid, in the order they execute: protocol, dataset, method, shots, seed."""
+    runs = []
+    for protocol in grid.protocols:
+        for dataset in grid.datasets:
+            for method in grid.methods:
+                if not method.fit:
+                    runs.append(Run(method, dataset, protocol, None, None, tuple(grid.args)))
+                    continue
+                for shots in grid.shots[protocol]:
+                    for seed in grid.seeds:
+                        runs.append(Run(method, dataset, protocol, shots, seed, tuple(grid.args)))
+    return runs
+
+
+def find_run(grid: Grid, run_id: str) -> Run:
+    """The run of ``grid`` called ``run_id`` (a `GridError` naming the grid if there is none)."""
+    for run in expand(grid):
+        if run.run_id == run_id:
+            return run
+    raise GridError(f"grid {grid.source}: no run '{run_id}' (the grid changed after the job was submitted?)")
