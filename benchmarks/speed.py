@@ -300,7 +300,7 @@ def write_images(folder: Path, count: int, size: int) -> list:
     import numpy as np
     from PIL import Image
 
-    from dpt_lightning.data.base import Item
+    from dpt_lightning.data import Item
 
     rng = np.random.default_rng(0)
     items = []
@@ -321,7 +321,7 @@ def measure_grid(task: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from dpt_lightning.data.base import ImageListDataset
+    from dpt_lightning.data.dataset import ImageListDataset
     from dpt_lightning.feature_cache import weights_digest
 
     _, sync, _ = _setup_worker(task)
