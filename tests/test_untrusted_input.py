@@ -3,6 +3,7 @@ never a crash from deep inside PIL or torch, never a crash later in a loader wor
 from __future__ import annotations
 
 import io
+import os
 import json
 import string
 import tempfile
@@ -98,3 +99,129 @@ def test_sixteen_bit_and_rgba_become_rgb(tmp_path):
     rgba = tmp_path / "alpha.png"
     Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(rgba)
     assert load_rgb(rgba).mode == "RGB"
+
+
+# ------------------------------------------------------------------------------------------------
+# File names that are not UTF-8 (issue 15.5): refused in setup, the file named by its bytes, and
+# what to do; before, they passed setup and fit and broke `predict` after inference.
+LATIN1_NAME = b"caf\xe9 (1).png"  # "café (1).png" written in Latin-1
+
+
+def _bytes_file(folder: Path, name: bytes, payload: bytes = GOOD_PNG) -> bytes:
+    path = os.fsencode(folder) + b"/" + name
+    with open(path, "wb") as f:
+        f.write(payload)
+    return path
+
+
+def _three_class_folder(root: Path, per_class: int = 5) -> None:
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        for k in range(per_class):
+            (root / name / f"{k}.png").write_bytes(GOOD_PNG)
+
+
+def _assert_names_the_bytes(err: DataError, raw: bytes) -> None:
+    (problem,) = [p for p in err.problems if "not valid UTF-8" in p]
+    assert problem.startswith(repr(raw)) and "rename it" in problem
+
+
+def test_image_folder_with_a_latin1_file_name_is_refused_in_setup(tmp_path):
+    from dpt_lightning.data import ImageFolderDataModule
+
+    _three_class_folder(tmp_path)
+    raw = _bytes_file(tmp_path / "a", LATIN1_NAME)
+    data = ImageFolderDataModule(root=str(tmp_path), num_workers=0)  # constructing is fine
+    with pytest.raises(DataError) as info:
+        data.setup("fit")
+    _assert_names_the_bytes(info.value, raw)
+    assert data.splits is None
+
+
+def test_image_folder_with_a_latin1_class_folder_is_refused(tmp_path):
+    from dpt_lightning.data import ImageFolderDataModule
+
+    _three_class_folder(tmp_path)
+    os.mkdir(os.fsencode(tmp_path) + b"/tumeur_b\xe9nigne")
+    with pytest.raises(DataError) as info:  # its name would be a class name: refused at once
+        ImageFolderDataModule(root=str(tmp_path))
+    (problem,) = info.value.problems
+    assert problem.startswith(repr(os.fsencode(tmp_path) + b"/tumeur_b\xe9nigne")) and "folder name is not" in problem
+
+
+def test_benchmark_fallback_with_a_latin1_file_name_is_refused(tmp_path):
+    from fakedata import write_fake_dataset
+
+    from dpt_lightning.data import benchmark_datamodule
+
+    write_fake_dataset(tmp_path, "BUSI", split_file=False)
+    raw = _bytes_file(tmp_path / "BUSI" / "BUSI" / "benign_tumor", LATIN1_NAME)
+    with pytest.raises(DataError) as info, pytest.warns(UserWarning, match="save_split"):
+        benchmark_datamodule("BUSI")(root=str(tmp_path)).setup()
+    _assert_names_the_bytes(info.value, raw)
+
+
+@pytest.mark.parametrize("relpath", ["caf\udce9.png", "caf\ud800.png"])
+def test_split_file_naming_a_file_that_is_not_utf8_is_refused(tmp_path, relpath):
+    if relpath.endswith("\udce9.png"):
+        _bytes_file(tmp_path, b"caf\xe9.png")  # the file exists: still refused
+    for name in ("g.png", "n.png", "o.png", "n2.png", "o2.png"):
+        (tmp_path / name).write_bytes(GOOD_PNG)
+    split = {"train": [["g.png", 0, CLASSES[0]], ["n.png", 1, CLASSES[1]], ["o.png", 2, CLASSES[2]]],
+             "val": [], "test": [[relpath, 0, CLASSES[0]], ["n2.png", 1, CLASSES[1]], ["o2.png", 2, CLASSES[2]]]}
+    (tmp_path / "split.json").write_text(json.dumps(split))  # JSON escapes: "caf\udce9.png"
+    data = ThreeClassData(root=str(tmp_path), split_file=str(tmp_path / "split.json"), num_workers=0)
+    with pytest.raises(DataError) as info:
+        data.setup("test")
+    (problem,) = info.value.problems
+    assert "the file name is not valid UTF-8 (listed in" in problem and "test[0]" in problem
+    assert problem.startswith(repr(os.fsencode(tmp_path) + b"/caf\xe9.png") if "\udce9" in relpath
+                              else ascii(str(tmp_path / relpath)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Split files that are not what they claim (issue 15.8): one DataError naming the file.
+@pytest.mark.parametrize("content, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"train": ' + "[" * 5000 + "]" * 5000 + ', "val": [], "test": []}', "nested too deeply"),
+    (b"{\"train\": [[\"b\xe9nin.png\", 0, \"glioma tumor\"]]}", "not UTF-8 text"),
+    ("{'train': []}", "not valid JSON"),
+    ("", "not valid JSON"),
+])
+def test_unreadable_split_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "split.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    data = ThreeClassData(root=str(tmp_path), split_file=str(path))
+    with pytest.raises(DataError) as info:
+        data.setup()
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}: ") and message in problem
+
+
+def test_deep_but_parseable_entries_are_shown_short(tmp_path):
+    deep = "[" * 300 + "]" * 300
+    path = tmp_path / "split.json"
+    path.write_text('{"train": [' + deep + '], "val": [], "test": [["a.png", ' + deep + ', "x"]]}')
+    with pytest.raises(DataError) as info:
+        ThreeClassData(root=str(tmp_path), split_file=str(path)).setup()
+    assert len(info.value.problems) == 2 and all(len(p) < 300 for p in info.value.problems)
+
+
+def test_a_split_file_that_is_a_folder(tmp_path):
+    (tmp_path / "split.json").mkdir()
+    with pytest.raises(DataError, match="is a folder, not a split file"):
+        ThreeClassData(root=str(tmp_path), split_file=str(tmp_path / "split.json")).setup()
+
+
+def test_split_file_duplicates_in_two_spellings(tmp_path):
+    for name in ("g.png", "n.png", "o.png"):
+        (tmp_path / name).write_bytes(GOOD_PNG)
+    train = [["g.png", 0, CLASSES[0]], ["n.png", 1, CLASSES[1]], ["o.png", 2, CLASSES[2]]]
+    (tmp_path / "split.json").write_text(json.dumps({"train": train + [["./g.png", 0, CLASSES[0]]], "val": [],
+                                                     "test": [["o.png", 2, CLASSES[2]]]}))
+    with pytest.raises(DataError) as info:
+        ThreeClassData(root=str(tmp_path), split_file=str(tmp_path / "split.json")).setup("test")
+    assert info.value.problems == [f"{tmp_path / 'split.json'}: train[3]: duplicate entry './g.png' (also train[0])"]
+    (tmp_path / "split.json").write_text(json.dumps({"train": train, "val": [], "test": [["./o.png", 2, CLASSES[2]]]}))
+    with pytest.raises(DataError, match=r"test\[0\] './o.png': also listed in 'train'"):
+        ThreeClassData(root=str(tmp_path), split_file=str(tmp_path / "split.json")).setup("test")
