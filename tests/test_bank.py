@@ -8,6 +8,7 @@ without ``--force``; ``list``, ``show`` and ``check`` work and fail with a clear
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,89 @@ def test_zero_shot_ensemble_config_uses_the_datasets_bank(tmp_path):
     assert model.class_features.shape == (4, model.backbone.embed_dim)
     assert (model.class_features - expected).abs().max() < 1e-5
     assert "test_acc" in cli.trainer.callback_metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Files that are not banks, outputs that cannot be written (issue 15.8): one line naming the path.
+@pytest.mark.parametrize("content, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply to be a description bank"),
+    (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply to be a description bank"),
+    (b'{"tumeur b\xe9nigne": ["x"]}', "not UTF-8 text"),
+    (b"{", "not valid JSON"),
+])
+def test_unreadable_banks_name_the_file(tmp_path, capsys, content, message):
+    path = tmp_path / "bank.json"
+    path.write_bytes(content)
+    with pytest.raises(DescriptionBankError, match=message) as err:
+        load_bank(str(path))
+    assert str(err.value).startswith(f"{path}: ")
+    assert run("show", str(path)) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"dpt-prompts show: error: {path}: ") and message in line
+
+
+def test_a_folder_is_not_a_bank(tmp_path, monkeypatch):
+    (tmp_path / "bank.json").mkdir()
+    with pytest.raises(DescriptionBankError, match="is a folder, not a description bank"):
+        load_bank(str(tmp_path / "bank.json"))
+    (tmp_path / "demo").mkdir()  # a folder named like a shipped bank does not hide it
+    monkeypatch.chdir(tmp_path)
+    assert load_bank("demo") == load_bank("DEMO")
+
+
+def _import_to(tmp_path, capsys, output: Path, *extra: str) -> str:
+    source = reference_file(tmp_path)
+    assert run("import", str(source), "-o", str(output), "--name", "BIOMEDDPT_TEMPLATES", *extra) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dpt-prompts import: error: ")
+    return line
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_output_that_is_a_folder(tmp_path, capsys, force):
+    (tmp_path / "out").mkdir()
+    line = _import_to(tmp_path, capsys, tmp_path / "out", *force)
+    assert f"{tmp_path / 'out'} is a folder; give the bank's file name, e.g. {tmp_path / 'out' / 'bank.json'}" in line
+
+
+def test_output_below_a_file(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    line = _import_to(tmp_path, capsys, tmp_path / "notes.txt" / "bank.json")
+    assert f"cannot write {tmp_path / 'notes.txt' / 'bank.json'}: {tmp_path / 'notes.txt'} is a file" in line
+
+
+def test_output_in_a_read_only_folder(tmp_path, capsys):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user may write into read-only folders (root)")
+        line = _import_to(tmp_path, capsys, folder / "bank.json")
+        assert f"cannot write {folder / 'bank.json'}: Permission denied" in line
+        assert list(folder.iterdir()) == []  # no temporary file left behind
+    finally:
+        folder.chmod(0o755)
+
+
+def test_any_os_error_while_writing_is_one_line(tmp_path, capsys, monkeypatch):
+    import dpt_lightning.descriptions as descriptions
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(descriptions, "atomic_write", refuse)  # what a read-only folder does, even for root
+    line = _import_to(tmp_path, capsys, tmp_path / "bank.json")
+    assert line == f"dpt-prompts import: error: cannot write {tmp_path / 'bank.json'}: Permission denied; choose a " \
+                   "place you can write to"
+
+
+def test_the_console_script_prints_no_traceback(tmp_path):
+    (tmp_path / "out").mkdir()
+    source = reference_file(tmp_path)
+    result = subprocess.run([str(Path(sys.executable).with_name("dpt-prompts")), "import", str(source), "-o",
+                             str(tmp_path / "out"), "--name", "BIOMEDDPT_TEMPLATES"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"dpt-prompts import: error: {tmp_path / 'out'} is a folder; give "
+                                                  f"the bank's file name, e.g. {tmp_path / 'out' / 'bank.json'}"]

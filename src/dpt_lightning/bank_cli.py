@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DescriptionBankError, FileExistsError) as err:
         print(f"dpt-prompts {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # any other file problem: one line naming the file, no traceback
+        where = f" {err.filename}" if err.filename else ""
+        print(f"dpt-prompts {args.command}: error:{where} {err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

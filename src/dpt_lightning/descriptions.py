@@ -19,6 +19,9 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+from dpt_lightning.data.errors import JSONFileError, read_json
+from dpt_lightning.files import atomic_write
+
 
 class DescriptionBankError(ValueError):
     """A description bank that cannot be used, with the reason."""
@@ -49,15 +52,18 @@ def validate_bank(bank: object, source: str) -> dict[str, list[str]]:
 
 
 def load_bank(source: str) -> dict[str, list[str]]:
-    """A bank from a JSON file path, or the name of a shipped bank (``btmri``, ``BTMRI``, ...)."""
+    """A bank from a JSON file path, or the name of a shipped bank (``btmri``, ``BTMRI``, ...).
+
+    A file that cannot be used (missing, a folder, not UTF-8, not JSON, nested too deeply) is a
+    `DescriptionBankError` naming it."""
     path = Path(source).expanduser()
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise DescriptionBankError(f"description bank {path} does not exist")
+    if path.suffix == ".json" or path.is_file():
         try:
-            bank = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DescriptionBankError(f"{path}: not valid JSON ({err})") from None
+            bank = read_json(path, "description bank")
+        except FileNotFoundError:
+            raise DescriptionBankError(f"description bank {path} does not exist") from None
+        except JSONFileError as err:
+            raise DescriptionBankError(str(err)) from None
         return validate_bank(bank, str(path))
     name = source.lower()
     if name not in builtin_bank_names():
@@ -202,11 +208,25 @@ def import_bank(path: str | Path, name: str | None = None) -> dict[str, list[str
 
 
 def write_bank(bank: dict[str, list[str]], path: str | Path, force: bool = False) -> Path:
-    """Write a validated bank as JSON; an existing file is kept unless ``force``."""
+    """Write a validated bank as JSON, atomically; an existing file is kept unless ``force``.
+
+    An output that cannot be written (a folder, a read-only or missing place) is a
+    `DescriptionBankError` naming it; an existing file without ``force`` a ``FileExistsError``."""
     path = Path(path)
     validate_bank(bank, str(path))
+    if path.is_dir():
+        raise DescriptionBankError(f"{path} is a folder; give the bank's file name, e.g. {path / 'bank.json'}")
+    exists = f"{path} exists; choose another output or pass --force to overwrite it"
     if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; choose another output or pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bank, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+        raise FileExistsError(exists)
+    text = json.dumps(bank, indent=2, ensure_ascii=False) + "\n"
+    try:
+        return atomic_write(path, text, exclusive=not force)
+    except FileExistsError:  # created meanwhile, or a folder on the way is a file
+        blocking = next((parent for parent in path.parents if parent.is_file()), None)
+        if blocking is None:
+            raise FileExistsError(exists) from None
+        raise DescriptionBankError(f"cannot write {path}: {blocking} is a file, not a folder") from None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise DescriptionBankError(f"cannot write {path}: {reason}; choose a place you can write to") from None
