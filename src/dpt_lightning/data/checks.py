@@ -161,7 +161,8 @@ def coverage_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[
         offenders.append(f"{name!r} {c['train']}/{c['val']}/{c['test']}")
         if built is not None and label in built:
             n = sum(c.values())
-            problems.append(f"{built[label]}: {n} image(s) cannot be split so that {_join(needed)} each get one "
+            gets = "gets one" if len(needed) == 1 else "each get one"
+            problems.append(f"{built[label]}: {n} image(s) cannot be split so that {_join(needed)} {gets} "
                             f"(class {name!r}: the {built_how or 'split'} gives train {c['train']}, val {c['val']}, "
                             f"test {c['test']})")
         else:
