@@ -195,3 +195,11 @@ def test_coverage_problems_is_a_pure_function():
     assert problems == ["s.json: class 1 'y' has no validation or test images"] and "'y' 1/0/0" in hint
     assert coverage_problems(split, ["x", "y"], [0], SPLITS, "s.json") == ([], None)
     assert coverage_problems(split, ["x", "y"], [0, 1], (), "s.json") == ([], None)
+
+
+def test_data_error_survives_pickling():
+    import pickle
+
+    err = DataError(["a.png: bad", "b.png: worse"], "context", "do this")
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.problems, again.context, again.hint, str(again)) == (err.problems, "context", "do this", str(err))

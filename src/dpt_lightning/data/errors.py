@@ -25,6 +25,9 @@ class DataError(ValueError):
         advice = f"\n{hint}" if hint else ""
         super().__init__(f"{context} ({len(self.problems)}):\n  - {listed}{more}{advice}")
 
+    def __reduce__(self):  # pickled (e.g. from a worker process) with its problems, not its text
+        return type(self), (self.problems, self.context, self.hint)
+
 
 class JSONFileError(ValueError):
     """A JSON file that cannot be read, in one line naming the file and what to do."""
