@@ -314,21 +314,29 @@ def prepare_cell(directory: Path, fingerprint: str, resume: str | Path | None = 
     return own if own.is_file() else None
 
 
+def ended(row: dict | None, run: Run, fingerprint: str, session: str | None = None) -> bool:
+    """Nothing to do for this cell: it finished, or it ended (failed) in this same session."""
+    return is_done(row, run, fingerprint) or (session is not None and row is not None
+                                              and row.get("session") == session)
+
+
 def run_cell(folder: Path, run: Run, executor=None, job: str = "", resume: str | Path | None = None,
-             on_start=None, machine: dict | None = None) -> Outcome:
+             on_start=None, machine: dict | None = None, session: str | None = None) -> Outcome:
     """Run one cell of the grid in ``folder`` unless it is finished or held by another process
     (see the module docstring). ``executor(stages, run_dir) -> row fields`` defaults to
-    `execute`; ``job`` is the scheduler task's identity (`lock.job_identity`) for a task."""
+    `execute`; ``job`` is the scheduler task's identity (`lock.job_identity`) for a task;
+    ``session`` names one ``dpt-bench`` invocation (its workers run a cell that failed in it
+    only once)."""
     folder = Path(folder)
     directory = cell_dir(folder, run.run_id)
     fingerprint = run.fingerprint()
-    if is_done(read_result(folder, run.run_id), run, fingerprint):
+    if ended(read_result(folder, run.run_id), run, fingerprint, session):
         return Outcome("finished")
     claim = CellClaim(directory, job=job)
     if not claim.acquire():
         return Outcome("busy", holder=claim.holder())
     try:
-        if is_done(read_result(folder, run.run_id), run, fingerprint):  # finished while we claimed it
+        if ended(read_result(folder, run.run_id), run, fingerprint, session):  # finished while we claimed it
             return Outcome("finished")
         checkpoint = prepare_cell(directory, fingerprint, resume)
         stages = run.stages(directory)
@@ -343,14 +351,14 @@ def run_cell(folder: Path, run: Run, executor=None, job: str = "", resume: str |
                **{k: v for k, v in fields.items() if k not in ("status", "error")},
                "resumed_from": str(checkpoint or ""), "started": started,
                **(machine if machine is not None else environment()),
-               "host": socket.gethostname(), "job": job, "fingerprint": fingerprint}
+               "host": socket.gethostname(), "job": job, "session": session or "", "fingerprint": fingerprint}
         write_result(folder, run.run_id, row)
         return Outcome("executed", row)
     finally:
         claim.release()
 
 
-def record_failure(folder: Path, run: Run, message: str, job: str = "") -> dict | None:
+def record_failure(folder: Path, run: Run, message: str, job: str = "", session: str | None = None) -> dict | None:
     """Store a failed row for a cell whose process died without recording one (a killed worker);
     None if the cell finished meanwhile or another live process holds it."""
     folder = Path(folder)
@@ -363,7 +371,7 @@ def record_failure(folder: Path, run: Run, message: str, job: str = "") -> dict 
             return None
         row = {**run.settings(), "status": "failed", "error": message,
                "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "host": socket.gethostname(), "job": job, "fingerprint": fingerprint}
+               "host": socket.gethostname(), "job": job, "session": session or "", "fingerprint": fingerprint}
         write_result(folder, run.run_id, row)
         return row
     finally:

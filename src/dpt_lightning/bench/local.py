@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import selectors
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from dpt_lightning.bench.collect import collect_results
-from dpt_lightning.bench.folder import GRID_COPY, cell_dir, is_done, read_result, write_if_changed
+from dpt_lightning.bench.folder import GRID_COPY, cell_dir, read_result, write_if_changed
 from dpt_lightning.bench.grid import Grid, Run, expand
 from dpt_lightning.bench.lock import CellClaim, release_claims_of
 
@@ -71,9 +72,12 @@ def _counts(runs: int, todo: int) -> dict:
     return {"runs": runs, "skipped": runs - todo, "executed": 0, "failed": 0}
 
 
-def pending(grid: Grid, folder: Path) -> list[Run]:
-    """The grid's cells without an ``ok`` result under their current fingerprint."""
-    return [run for run in expand(grid) if not is_done(read_result(folder, run.run_id), run)]
+def pending(grid: Grid, folder: Path, session: str | None = None) -> list[Run]:
+    """The grid's cells without an ``ok`` result under their current fingerprint (nor a result
+    of this ``session``)."""
+    from dpt_lightning.bench.job import ended
+
+    return [run for run in expand(grid) if not ended(read_result(folder, run.run_id), run, run.fingerprint(), session)]
 
 
 def write_grid_copy(grid: Grid, folder: Path) -> None:
@@ -113,9 +117,11 @@ def _run_here(grid, folder, runs, todo, executor, fail_fast, out) -> dict:
     counts = _counts(len(runs), len(todo))
     progress = GridProgress(len(todo), out)
     machine = environment()
+    session = uuid.uuid4().hex[:12]
     try:
         for run in todo:
-            outcome = run_cell(folder, run, executor, on_start=lambda r: progress.start(r.label()), machine=machine)
+            outcome = run_cell(folder, run, executor, on_start=lambda r: progress.start(r.label()), machine=machine,
+                               session=session)
             if outcome.state == "busy":
                 holder = outcome.holder or {}
                 print(f"  {run.run_id}: running elsewhere (pid {holder.get('pid')} on {holder.get('host')}); "
@@ -204,7 +210,7 @@ class WorkerPool:
         self.selector = selectors.DefaultSelector()
         self.runs = {run.run_id: run for run in expand(grid)}
         self.stopping = False
-        self.lost: list[str] = []
+        self.session = uuid.uuid4().hex[:12]  # the workers run a cell that fails in this session once
 
     # -- processes
     def spawn(self, slot: int) -> None:
@@ -215,7 +221,7 @@ class WorkerPool:
         read_fd, write_fd = os.pipe()
         command = [sys.executable, "-m", "dpt_lightning.bench.worker", str(self.folder), "--slot", str(slot),
                    "--status-fd", str(write_fd), "--parent", str(os.getpid()), "--threads", str(plan["threads"]),
-                   "--cores", ",".join(map(str, plan["cores"]))]
+                   "--cores", ",".join(map(str, plan["cores"])), "--session", self.session]
         if self.executor_spec:
             command += ["--executor", self.executor_spec]
         with open(log, "ab") as out:
@@ -330,14 +336,14 @@ class WorkerPool:
 
             message = (f"the worker process running this cell died ({how}; killed, or out of memory?); "
                        f"its output: {worker.log}")
-            row = record_failure(self.folder, self.runs[worker.current], message)
+            row = record_failure(self.folder, self.runs[worker.current], message, session=self.session)
             if row is not None:
                 self.counts["executed"] += 1
                 self.counts["failed"] += 1
                 self.progress.finish(worker.current, row)
         else:
             print(f"dpt-bench: worker {worker.slot} ended with {how}; see {worker.log}", file=self.stream, flush=True)
-        left = [run for run in pending(self.grid, self.folder)
+        left = [run for run in pending(self.grid, self.folder, self.session)
                 if CellClaim(cell_dir(self.folder, run.run_id)).holder() is None]
         if left and self.restarts[worker.slot] < MAX_RESTARTS:
             self.restarts[worker.slot] += 1

@@ -442,10 +442,10 @@ def write_report(grid, rows: list[dict], folder: Path, overwrite: bool = False) 
     published_rows = show_published(grid, [d.name for d in grid.datasets])
     fixed = frozenset(m.name for m in grid.methods if not m.fit)
     plots = []
-    if series:
+    if any(not math.isnan(mean) for values in series.values() for mean, _ in values.values()):
         plots.append(("accuracy_vs_shots", partial(plot_accuracy_vs_shots, fixed=fixed), series,
                       f"{grid.name}: accuracy vs shots (mean ± sample std over seeds)"))
-    if points:
+    if any(points.values()):
         plots.append(("base_vs_novel", plot_base_vs_novel, points,
                       f"{grid.name}: base vs novel (large: average; small: per dataset)"))
     for name, plot, data, title in plots:

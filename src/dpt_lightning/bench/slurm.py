@@ -151,9 +151,10 @@ class CellTask:
 def make_executor(folder: Path, grid: Grid, options: SlurmOptions):
     import submitit
 
-    if options.cluster == "slurm" and shutil.which("sbatch") is None:
-        raise GridError("--launcher submitit: sbatch was not found, so this is not a SLURM login node. Submit "
-                        "from one, or add --cluster local to run the job array on this machine")
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if options.cluster == "slurm" and missing:
+        raise GridError(f"--launcher submitit: {' and '.join(missing)} not found, so this is not a SLURM login "
+                        "node. Submit from one, or add --cluster local to run the job array on this machine")
     if options.cluster == "slurm" and options.time_min is None:
         raise GridError("--launcher submitit: give the time limit of one cell, e.g. --time 4:00:00 (a task that "
                         "reaches it is requeued and resumes from its last checkpoint)")
@@ -223,11 +224,14 @@ def submit(folder: Path, grid: Grid, todo: list[Run], options: SlurmOptions, str
                       for job, run in zip(jobs, cells))
     with open(folder / SUBMITIT / SUBMISSIONS, "a") as f:
         f.write(records)
-    array = str(jobs[0].job_id).split("_")[0]
-    where = "SLURM" if options.cluster == "slurm" else "submitit's local executor"
-    parallel = f", at most {options.array_parallelism} at once" if options.array_parallelism else ""
-    print(f"dpt-bench: submitted {len(cells)} cell(s) as job array {array} ({where}{parallel}); task logs in "
-          f"{folder / SUBMITIT}", file=out, flush=True)
+    if options.cluster == "slurm":
+        array = str(jobs[0].job_id).split("_")[0]
+        parallel = f", at most {options.array_parallelism} at once" if options.array_parallelism else ""
+        print(f"dpt-bench: submitted {len(cells)} cell(s) as SLURM job array {array}{parallel} (squeue -j {array}); "
+              f"task logs in {folder / SUBMITIT}", file=out, flush=True)
+    else:
+        print(f"dpt-bench: started {len(cells)} cell(s) with submitit's local executor (one process each, all at "
+              f"once); task logs in {folder / SUBMITIT}", file=out, flush=True)
     return [(job, run.run_id) for job, run in zip(jobs, cells)]
 
 

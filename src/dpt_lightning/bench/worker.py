@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cores", default="")
+    parser.add_argument("--session", default=None, help="the dpt-bench invocation (a cell failed in it runs once)")
     parser.add_argument("--executor", default=None, help="module:function standing in for job.execute (tests)")
     args = parser.parse_args(argv)
     if args.cores and hasattr(os, "sched_setaffinity"):
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("dpt-bench worker: the dpt-bench process that started me is gone; stopping", flush=True)
                 break
             outcome = run_cell(args.folder, run, executor, on_start=lambda r: emit("start", r.run_id),
-                               machine=machine)
+                               machine=machine, session=args.session)
             if outcome.state == "executed":
                 row = outcome.row
                 emit("done", run.run_id, **{k: row.get(k) for k in ("status", "error", "acc", "novel_acc",
