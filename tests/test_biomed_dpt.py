@@ -218,7 +218,7 @@ def test_teacher_is_encoded_once_per_fit_and_never_checkpointed(tmp_path, monkey
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False, map_location="cpu")
     assert list(state["state_dict"]) == ["prompt.ctx"]  # no teacher, no zero tokens, no backbone
-    assert state["hyper_parameters"]["lambda_l1"] == 12.5
+    assert state["method_settings"]["lambda_l1"] == 12.5
     teacher = model.teacher_features.clone()
     reloaded = BiomedDPT.load_from_checkpoint(ckpt)
     assert torch.equal(reloaded.prompt.ctx, model.prompt.ctx)

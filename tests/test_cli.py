@@ -52,7 +52,7 @@ def test_fit_checkpoint_test_predict_round_trip(tmp_path):
     assert ckpt.stat().st_size < 50_000, "the frozen backbone must not be in the checkpoint"
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert list(state["state_dict"]) == ["prompt.ctx"]
-    assert state["hyper_parameters"]["classnames"] == ["circle", "cross", "square", "stripes"]
+    assert state["method_settings"]["classnames"] == ["circle", "cross", "square", "stripes"]
     assert state["dpt_lightning"]["backbone"]["text_width"] == 32
     recorded = state["fewshot_selection"]  # the checkpoint records the images it was trained on
     written = json.loads(selection.read_text())

@@ -1,4 +1,5 @@
-"""Callbacks the CLI adds to every run: the few-shot selection and the prediction CSV."""
+"""Callbacks the CLI adds to every run: the few-shot selection, the prediction CSV and the
+divergence guard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dpt_lightning.files import atomic_write
 
@@ -86,3 +88,58 @@ class PredictionWriter(BasePredictionWriter):
         })
         atomic_write(target, table.to_csv(index=False), exclusive=not self.overwrite)
         print(f"predictions of {len(table)} images written to {target}")
+
+
+class DivergenceError(FloatingPointError):
+    """Training ran away (prompt norms or the loss exploded) and ``--divergence.stop`` is set."""
+
+
+class DivergenceGuard(Callback):
+    """Notices a fit that runs away while every number stays finite (a learning rate far too large
+    makes prompts grow without bound while the normalised features keep the logits finite).
+
+    After every training step: a trainable tensor whose norm grew beyond ``norm_growth`` times its
+    norm at the start of the fit (at least ``sqrt(numel) * 0.01``, for tensors that start at zero),
+    or a loss beyond ``loss_growth`` times the first step's (at least 1), gives one warning naming
+    the tensor, the step and what to do; with ``stop`` the fit ends with `DivergenceError` instead.
+
+    Args:
+        norm_growth: allowed growth of a trainable tensor's norm.
+        loss_growth: allowed growth of the training loss.
+        stop: end the fit instead of warning.
+    """
+
+    def __init__(self, norm_growth: float = 100.0, loss_growth: float = 100.0, stop: bool = False):
+        self.norm_growth, self.loss_growth, self.stop = norm_growth, loss_growth, stop
+        self._start: dict[str, float] = {}
+        self._first_loss: float | None = None
+        self._warned = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = {name: max(p.detach().norm().item(), 0.01 * p.numel() ** 0.5)
+                       for name, p in pl_module.named_parameters() if p.requires_grad}
+        self._first_loss = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self._warned:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        problems = []
+        if isinstance(loss, torch.Tensor):
+            value = loss.detach().float().item()
+            self._first_loss = value if self._first_loss is None else self._first_loss
+            if value > self.loss_growth * max(self._first_loss, 1.0):
+                problems.append(f"the loss is {value:.3g}, {value / max(self._first_loss, 1.0):.0f}x its first value")
+        with torch.no_grad():
+            for name, p in pl_module.named_parameters():
+                start = self._start.get(name)
+                if start is not None and p.norm().item() > self.norm_growth * start:
+                    problems.append(f"{name} has norm {p.norm().item():.3g}, {p.norm().item() / start:.3g}x its start")
+        if not problems:
+            return
+        message = (f"training is diverging at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+                   f"{'; '.join(problems[:3])}. Lower --model.init_args.lr (or check the loss weights)")
+        if self.stop:
+            raise DivergenceError(message + "; stopped because --divergence.stop is true")
+        rank_zero_warn(message + "; add --divergence.stop true to stop such a run")
+        self._warned = True

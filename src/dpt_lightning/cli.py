@@ -10,10 +10,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from dpt_lightning.backbone import BackboneLoadError
 from dpt_lightning.checkpoint_io import AtomicCheckpointIO
-from dpt_lightning.callbacks import PredictionWriter, SelectionWriter
+from dpt_lightning.callbacks import DivergenceGuard, PredictionWriter, SelectionWriter
 from dpt_lightning.data import MedicalDataModule
 from dpt_lightning.methods.base import PromptTrainer
+from dpt_lightning.methods.checkpoints import CheckpointMismatchError, read_checkpoint
+from dpt_lightning.runs import last_checkpoint
 
 
 class DPTCLI(LightningCLI):
@@ -26,14 +29,9 @@ class DPTCLI(LightningCLI):
         parser.link_arguments("data.protocol", "model.init_args.protocol", apply_on="instantiate")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(SelectionWriter, "selection")
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the last epoch's model (as the reference code does)")
-
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":
-            config = self.config[self.subcommand]
-            if config.get("ckpt_path") == "last":
-                config["ckpt_path"] = str(find_last_checkpoint(config.get("trainer.default_root_dir") or "."))
 
     def instantiate_trainer(self, **kwargs):
         plugins = kwargs.get("plugins") or []
@@ -48,7 +46,10 @@ class DPTCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then let ``seed_everything: true`` (the default) mean the data's seed."""
+        """Parse; ``seed_everything: true`` (the default) means the data's seed; ``--ckpt_path last``
+        means this run's own last checkpoint (`runs.last_checkpoint`); a checkpoint that cannot be
+        read is an error naming it before anything is built. The config and the command line
+        define the model: a checkpoint never changes them (its identity must match instead)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
@@ -56,6 +57,20 @@ class DPTCLI(LightningCLI):
             seed = config.get("data.init_args.seed") if config.get("data") is not None else None
             if isinstance(seed, int):
                 config["seed_everything"] = seed
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            root = config.get("trainer.default_root_dir") or "."
+            ckpt_path = str(last_checkpoint(root, config.as_dict()))
+        if ckpt_path:
+            read_checkpoint(ckpt_path)
+            # Hidden until the classes are built: LightningCLI would otherwise apply the checkpoint's
+            # stored settings over this config (and import the class they name).
+            config["ckpt_path"] = None
+        self.checkpoint_path = ckpt_path
+
+    def before_instantiate_classes(self) -> None:
+        if self.checkpoint_path:
+            self.config[self.subcommand]["ckpt_path"] = self.checkpoint_path
 
 
 def build_cli(args: list[str] | None = None, run: bool = True, parser_kwargs: dict | None = None) -> DPTCLI:
@@ -79,19 +94,6 @@ def build_cli(args: list[str] | None = None, run: bool = True, parser_kwargs: di
         parser_kwargs=parser_kwargs,
         auto_configure_optimizers=False,
     )
-
-
-def find_last_checkpoint(root: str | Path) -> Path:
-    """The newest ``last.ckpt`` of the runs under ``root`` (``--ckpt_path last``).
-
-    Lightning alone would look only in the NEW run's folder, find nothing and silently start from
-    scratch; a resume that cannot find its checkpoint is an error instead.
-    """
-    found = sorted(Path(root).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"--ckpt_path last: no checkpoints/last.ckpt under {Path(root).resolve()}; "
-                                "pass --trainer.default_root_dir of the run to resume, or the checkpoint's path")
-    return found[-1]
 
 
 #: The checkout holding the shipped ``trainers/`` and ``datasets/`` configs (source layout).
@@ -132,13 +134,47 @@ def importable_working_directory() -> None:
 def quiet_known_warnings() -> None:
     """Silence Lightning notices that are expected here (a frozen backbone is in eval mode)."""
     for pattern in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*does not have many workers.*",
-                    ".*tensorboardX.*", ".*litlogger.*", ".*litmodels.*"):
+                    ".*tensorboardX.*", ".*litlogger.*", ".*litmodels.*", ".*LightningCLI's args parameter.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
+#: Errors a user's input can cause (settings, data, banks, checkpoints, files), when our own code
+#: raised them: the command prints their message alone. Anything else keeps its traceback.
+USER_ERRORS = (ValueError, OSError, CheckpointMismatchError, BackboneLoadError, FloatingPointError)
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The exception, in ``err``'s chain, that our code raised for bad input; None if there is none."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        raised_here = tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+        if raised_here and isinstance(err, USER_ERRORS):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``dpt`` command."""
-    build_cli(args)
+    """Entry point of the ``dpt`` command. A user error (bad setting, data, bank or checkpoint)
+    prints one message and exits with status 2; ``--debug`` or ``DPT_DEBUG=1`` shows the traceback."""
+    args = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in args or os.environ.get("DPT_DEBUG", "").lower() in {"1", "true", "yes"}
+    args = [a for a in args if a != "--debug"]
+    try:
+        build_cli(args)
+    except Exception as err:  # noqa: BLE001 - shown as one line only when it is a user error
+        cause = None if debug else user_error(err)
+        if cause is None:
+            raise
+        message = str(cause) if not isinstance(cause, OSError) or not cause.filename else \
+            f"{cause.filename}: {cause.strerror or cause}"
+        print(f"dpt: error: {message}\n(run with --debug, or DPT_DEBUG=1, for the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import importlib
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save
 
 from dpt_lightning.files import atomic_write
 from dpt_lightning.methods import CheckpointMismatchError, PromptTrainer
+from dpt_lightning.methods.checkpoints import CheckpointReadError, read_checkpoint
 
 
 def card_path(weights: str | Path) -> Path:
@@ -31,12 +31,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     for target in (output, card):
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint)
     identity = state.get("dpt_lightning")
     if identity is None:
         raise CheckpointMismatchError(f"{checkpoint} was not written by dpt_lightning")
     tensors = {k: v.contiguous() for k, v in state["state_dict"].items()}
-    info = {"dpt_lightning": identity, "hyper_parameters": method_settings(state.get("hyper_parameters", {})),
+    info = {"dpt_lightning": identity, "hyper_parameters": method_settings(
+        state.get(PromptTrainer.CHECKPOINT_HYPER_PARAMS_KEY, state.get("hyper_parameters", {}))),
             "tensors": {k: list(v.shape) for k, v in tensors.items()}}
     atomic_write(output, save(tensors), exclusive=not overwrite)
     atomic_write(card, json.dumps(info, indent=2, default=str), exclusive=not overwrite)
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         weights, card = export_checkpoint(args.checkpoint, args.output, args.overwrite)
-    except (FileExistsError, ValueError, CheckpointMismatchError, FileNotFoundError) as err:
+    except (FileExistsError, ValueError, CheckpointMismatchError, CheckpointReadError, FileNotFoundError) as err:
         parser.exit(2, f"dpt-export: error: {err}\n")
+    except OSError as err:  # an output folder that is read-only, a path that is a folder, a full disk
+        target = err.filename or args.output
+        parser.exit(2, f"dpt-export: error: cannot write {target}: {err.strerror or err}; choose another -o path\n")
     print(f"wrote {weights} ({weights.stat().st_size} bytes) and {card}")

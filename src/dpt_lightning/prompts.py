@@ -5,6 +5,7 @@ buffer and the learnable context vectors are placed into them at every forward.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -30,6 +31,28 @@ def reference_n_ctx(template: str) -> int:
     reference's behaviour, kept so that results are comparable.
     """
     return len(template_prefix(template).split())
+
+
+def check_text_lengths(backbone: BiomedCLIP, groups: list[list[str]], classnames: list[str], setting: str) -> None:
+    """Texts longer than the tokenizer's context are cut by it. Say so (a warning with the count),
+    and refuse (``ValueError`` naming the classes) when the cut makes two classes' texts identical:
+    their features would be too, and the classes could not be told apart."""
+    limit = backbone.context_length - 2  # [CLS]/[SEP] or start/end tokens
+    long = [text for group in groups for text in group if len(backbone.word_pieces(text)) > limit]
+    if not long:
+        return
+    seen: dict[tuple, str] = {}
+    for name, group in zip(classnames, groups):
+        ids = backbone.tokenize(group, trim=False)
+        key = tuple(map(tuple, ids.tolist()))
+        if key in seen:
+            raise ValueError(f"{setting}: the texts of classes {seen[key]!r} and {name!r} are identical once cut "
+                             f"to the tokenizer's {backbone.context_length} tokens, so the classes cannot be told "
+                             "apart; shorten the template or sentences (the class name must come before the cut)")
+        seen[key] = name
+    total = sum(len(group) for group in groups)
+    warnings.warn(f"{setting}: {len(long)} of {total} text(s) are longer than the tokenizer's {backbone.context_length} "
+                  f"tokens and were cut, e.g. {long[0][:80]!r}...", stacklevel=3)
 
 
 class ContextPrompt(nn.Module):
@@ -80,6 +103,7 @@ class ContextPrompt(nn.Module):
         self.class_specific = class_specific
         self.position = position
         prompts = [template.format(name) for name in classnames]
+        check_text_lengths(backbone, [[p] for p in prompts], classnames, "model.template")
         ids = backbone.tokenize(prompts, trim=trim)
         with torch.no_grad():
             embeddings = backbone.token_embedding(ids).float()

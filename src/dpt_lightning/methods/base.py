@@ -35,6 +35,7 @@ from dpt_lightning.backbone import BIOMEDCLIP_HUB_ID, BiomedCLIP
 from dpt_lightning.descriptions import resolve_sentences
 from dpt_lightning.methods.checkpoints import check_checkpoint, checkpoint_identity, drop_frozen_weights
 from dpt_lightning.methods.evaluation import TextFeatureCache, make_metrics, metric_logits
+from dpt_lightning.prompts import check_text_lengths
 
 #: Hooks that change the image path; a method overriding any of them is never served cached
 #: plain image features unless it declares its own ``image_path_key``.
@@ -82,6 +83,10 @@ class PromptTrainer(LightningModule):
     instance_conditioned: ClassVar[bool] = False
     #: How ``visual_prompts`` enter the ViT: ``replace`` patch tokens 1..N or ``insert`` after CLS.
     visual_mode: Literal["replace", "insert"] = "replace"
+    #: Where checkpoints keep the settings. Not Lightning's ``hyper_parameters``: LightningCLI would
+    #: apply those over the user's config (and import the class they name) on ``--ckpt_path``; here
+    #: the config and the command line define the model and the checkpoint must match it.
+    CHECKPOINT_HYPER_PARAMS_KEY = "method_settings"
 
     def __init__(
         self,
@@ -191,6 +196,8 @@ class PromptTrainer(LightningModule):
             sentences = resolve_sentences(descriptions, self.hparams.dataset, self.classnames)
         else:
             sentences = [[template.format(name)] for name in self.classnames]
+        check_text_lengths(self.backbone, sentences, self.classnames,
+                           "model.descriptions" if descriptions else "model.template")
         return self.backbone.encode_class_sentences(sentences)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -1,14 +1,20 @@
 """What a method's checkpoint records about the model it belongs to, and the check on loading.
 
-A checkpoint holds the trainable prompt parameters only (the frozen backbone is rebuilt from its
-id), plus an identity: method, backbone, class names, protocol and dataset. Loading refuses a
-checkpoint of another method, backbone or class list with one message that lists every mismatch.
+A checkpoint holds the trainable parameters only (the frozen backbone is rebuilt from its id),
+the method's settings (under ``method_settings``) and an identity: method, backbone (its
+architecture and a digest of its frozen weights), class names, protocol and dataset. The model
+is always defined by the user's config and command line; loading a checkpoint refuses, with one
+message listing every mismatch, a checkpoint of another method, backbone or class list, and any
+tensor that is not the method's own (a checkpoint cannot replace frozen backbone weights).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 BACKBONE_PREFIX = "backbone."
 
 
@@ -16,12 +22,38 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint that does not belong to this model (other backbone, classes or method)."""
 
 
+class CheckpointReadError(ValueError):
+    """A file that cannot be read as a checkpoint (missing, truncated, not a checkpoint)."""
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """``torch.load`` with ``weights_only=True`` (a checkpoint cannot run code) and a clear error
+    naming the file when it is missing, truncated or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"checkpoint {path} does not exist" if not path.exists() else
+                                  f"checkpoint {path} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle refused, bad magic number, ...
+        detail = str(err).split(". ")[0].splitlines()[0][:120] if str(err) else "no detail"
+        raise CheckpointReadError(f"checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it is "
+                                  "truncated, damaged or not a checkpoint: use another one, e.g. an earlier "
+                                  "epoch's") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointReadError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
 def checkpoint_identity(model) -> dict:
     """What a checkpoint records to refuse loading into a different model."""
+    from dpt_lightning.feature_cache import weights_digest
+
     cls = type(model)
+    backbone = {**model.backbone.fingerprint(), "weights_digest": weights_digest(model.backbone)}
     return {"format": CHECKPOINT_FORMAT, "method": cls.__name__, "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "backbone": model.backbone.fingerprint(), "classnames": model.classnames,
-            "protocol": model.hparams.protocol, "dataset": model.hparams.dataset}
+            "backbone": backbone, "classnames": model.classnames, "protocol": model.hparams.protocol,
+            "dataset": model.hparams.dataset}
 
 
 def drop_frozen_weights(state_dict: dict) -> None:
@@ -38,22 +70,33 @@ def check_checkpoint(model: nn.Module, checkpoint: dict) -> None:
     mine = checkpoint_identity(model)
     problems = []
     if identity["method"] != mine["method"]:
-        problems.append(f"method {identity['method']} (this model: {mine['method']})")
+        problems.append(f"method {identity['method']} (this model: {mine['method']}); use the config of the "
+                        f"method the checkpoint was trained with")
+    theirs, ours = identity["backbone"], mine["backbone"]
     for key in ("text_width", "vision_width", "embed_dim", "vocab_size"):
-        if identity["backbone"].get(key) != mine["backbone"].get(key):
-            problems.append(f"backbone {key} {identity['backbone'].get(key)} (this model: {mine['backbone'].get(key)})")
+        if theirs.get(key) != ours.get(key):
+            problems.append(f"backbone {key} {theirs.get(key)} (this model: {ours.get(key)})")
+    if theirs.get("weights_digest") not in (None, ours["weights_digest"]):
+        problems.append(f"backbone weights {theirs['weights_digest'][:12]} of {theirs.get('name')!r} (this model: "
+                        f"{ours['weights_digest'][:12]} of {ours.get('name')!r}): the prompt was trained on other "
+                        "weights; the same weights may come from another location (hf-hub: or local-dir:)")
     if identity["classnames"] != mine["classnames"] and not (
             identity.get("protocol") == mine["protocol"] == "base2novel"):
         problems.append(f"classes {identity['classnames']} (this model: {mine['classnames']}); only a "
                         "base-to-novel evaluation may load a prompt trained on other classes")
     if problems:
         raise CheckpointMismatchError("checkpoint does not fit this model: " + "; ".join(problems))
-    shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+    own = {name: t.shape for name, t in model.state_dict().items() if not name.startswith(BACKBONE_PREFIX)}
     state = checkpoint["state_dict"]
-    wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(shapes[k])})"
-             for k, v in state.items() if k in shapes and v.shape != shapes[k]]
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointMismatchError(f"checkpoint holds tensors this model does not have: {unexpected[:8]}"
+                                      f"{' ...' if len(unexpected) > 8 else ''}; a checkpoint may only hold the "
+                                      "method's own parameters (never the frozen backbone's)")
+    wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k])})" for k, v in state.items() if v.shape != own[k]]
     if wrong:
         raise CheckpointMismatchError("checkpoint parameters have other shapes: " + "; ".join(wrong))
-    missing = sorted(set(shapes) - set(state))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state))
     if missing:
         raise CheckpointMismatchError(f"checkpoint lacks trainable parameters {missing}")
