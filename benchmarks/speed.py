@@ -146,12 +146,9 @@ class Bound:
 
     def __init__(self, module, task: dict):
         self.backbone, self.task = module.backbone, task
-        self.prompts, self.mode = [], "replace"
-        if hasattr(module, "visual_prompts"):
-            mode = getattr(module, "visual_mode", None) or module.hparams.get("vision_prompt", "replace")
-            if mode != "off":
-                self.prompts, self.mode = [p.detach() for p in module.visual_prompts()], mode
-        self.image_learns = not module.fixed_image_path
+        self.prompts = [p.detach() for p in module.visual_prompts()]
+        self.mode = module.visual_mode
+        self.image_learns = module.image_path_key() is None  # a learnable image path: forward + backward
         self.text = getattr(module, "prompt", None)  # a learnable ContextPrompt, or None
         self.deep = [p.detach() for p in getattr(module, "deep_text", [])]
         self.dropout = module.backbone_dropout
