@@ -400,10 +400,12 @@ def test_submitit_array_requeues_a_preempted_cell_and_resumes_a_killed_one_from_
     assert (cell / "PreemptOnce.done").is_file() and (cell / "KillOnce.done").is_file()
     assert bench_folder.read_result(out, "coop_demo_fewshot_K2_seed1") is None
     log = "".join(p.read_text() for p in (out / "submitit").glob("*_log.*"))
-    assert "Requeued job" in log and f"resuming {cell / 'checkpoints' / 'last.ckpt'}" in log
+    first = cell / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert "Requeued job" in log and f"resuming {first}" in log  # the requeued task was told its own file
     assert bench.main(command) == 0  # submitted again: the cell resumes from its own checkpoint
     row = bench_folder.read_result(out, "coop_demo_fewshot_K2_seed1")
-    assert row["status"] == "ok" and row["resumed_from"] == str(cell / "checkpoints" / "last.ckpt")
+    assert row["status"] == "ok"
+    assert row["resumed_from"] == str(cell / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")
     assert len((out / "submitit" / "submissions.jsonl").read_text().splitlines()) == 2
     expected = reference.loc["coop_demo_fewshot_K2_seed1", METRICS]
     results = pd.read_csv(out / "results.csv").set_index("run_id")

@@ -8,7 +8,7 @@
         summary.md, plots/         built from results.csv (`report`)
         runs/<run id>/result.json  the cell's row, written atomically when the cell ends
         runs/<run id>/cell.json    the fingerprint the cell's files belong to (resume check)
-        runs/<run id>/checkpoints/last.ckpt   the cell's own last checkpoint (resume)
+        runs/<run id>/lightning_logs/version_<n>/  the cell's log folder: config.yaml, checkpoints/last.ckpt
         runs/<run id>/.claim.<n>   held while a process runs the cell (`lock.CellClaim`)
         logs/                      one log per local worker process
         submitit/                  submitit's job files and task logs (--launcher submitit)

@@ -36,7 +36,6 @@ from dpt_lightning.files import atomic_write
 #: Metric names logged by every method at test time (``test_<name>``), as results.csv columns.
 METRICS = ("acc", "macro_acc", "f1", "auroc")
 METER = "dpt_lightning.bench.job.RunMeter"
-CHECKPOINTS = "checkpoints"
 
 
 # ------------------------------------------------------------------------------- memory
@@ -169,14 +168,13 @@ def last_checkpoint(trainer, run_dir: Path) -> Path:
     return path
 
 
-def own_checkpoint_dir(trainer, run_dir: Path) -> None:
-    """Checkpoints of a cell go to ``runs/<run id>/checkpoints/`` (one known place per cell,
-    where a resumed cell finds its own ``last.ckpt``), unless a config chose a folder."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-            callback.dirpath = str((run_dir / CHECKPOINTS).resolve())
+def own_last_checkpoint(directory: Path) -> Path | None:
+    """The newest ``last.ckpt`` the cell's own fit wrote (``runs/<run id>/lightning_logs/
+    version_<n>/checkpoints/last.ckpt``, beside the config the run saved); never one of the
+    base-to-novel test stage (``novel/``) or of replaced settings."""
+    found = [path for path in Path(directory).glob("**/checkpoints/last.ckpt")
+             if not any(part == "novel" or ".replaced-" in part for part in path.relative_to(directory).parts)]
+    return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
 
 
 def run_stages(stages: list[tuple[str, list[str], str]], run_dir: Path) -> dict:
@@ -199,7 +197,6 @@ def run_stages(stages: list[tuple[str, list[str], str]], run_dir: Path) -> dict:
             trainer, model = cli.trainer, cli.model
             meter = next(c for c in trainer.callbacks if isinstance(c, RunMeter))
             if subcommand == "fit":
-                own_checkpoint_dir(trainer, run_dir)
                 trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
                 if trainer.interrupted:
                     raise GridInterrupted("the fit was interrupted")
@@ -288,9 +285,10 @@ class Outcome:
 def prepare_cell(directory: Path, fingerprint: str, resume: str | Path | None = None) -> Path | None:
     """The checkpoint to resume the cell from, or None to start it from scratch.
 
-    Only the cell's own ``checkpoints/last.ckpt`` is ever resumed (an explicit ``resume`` must lie
-    in the cell's folder), and only when it was written under the same fingerprint
-    (``cell.json``); checkpoints of other settings or code are moved aside.
+    Only the cell's own last checkpoint is ever resumed (`own_last_checkpoint`; an explicit
+    ``resume`` must lie in the cell's folder), and only when it was written under the same
+    fingerprint (``cell.json``); the folders of checkpoints of other settings or code are moved
+    aside (``<folder>.replaced-<date>``).
     """
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / CELL
@@ -298,11 +296,14 @@ def prepare_cell(directory: Path, fingerprint: str, resume: str | Path | None = 
         previous = json.loads(marker.read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         previous = None
-    checkpoints = directory / CHECKPOINTS
     if previous != fingerprint:
-        if checkpoints.exists():
-            stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-            checkpoints.rename(directory / f"{CHECKPOINTS}.replaced-{stamp}")
+        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        while (old := own_last_checkpoint(directory)) is not None:
+            top = directory / old.relative_to(directory).parts[0]
+            target, n = directory / f"{top.name}.replaced-{stamp}", 1
+            while target.exists():
+                target, n = directory / f"{top.name}.replaced-{stamp}-{n}", n + 1
+            top.rename(target)
         atomic_write(marker, json.dumps({"fingerprint": fingerprint}) + "\n")
         return None
     if resume is not None:
@@ -310,8 +311,7 @@ def prepare_cell(directory: Path, fingerprint: str, resume: str | Path | None = 
         if not path.is_relative_to(directory.resolve()):
             raise ValueError(f"refusing to resume cell {directory.name} from {path}: not the cell's own checkpoint")
         return path if path.is_file() else None
-    own = checkpoints / "last.ckpt"
-    return own if own.is_file() else None
+    return own_last_checkpoint(directory)
 
 
 def ended(row: dict | None, run: Run, fingerprint: str, session: str | None = None) -> bool:

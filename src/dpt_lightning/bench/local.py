@@ -240,7 +240,10 @@ class WorkerPool:
     def run(self, total_runs: int, todo: list[Run]) -> dict:
         self.counts = _counts(total_runs, len(todo))
         self.progress = GridProgress(len(todo), self.stream)
-        for slot in range(min(self.count, max(len(todo), 1))):
+        if not todo:
+            collect_results(self.folder, self.grid)
+            return self.counts
+        for slot in range(min(self.count, len(todo))):
             self.spawn(slot)
         try:
             while self.workers:

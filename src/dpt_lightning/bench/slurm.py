@@ -7,8 +7,8 @@ uses submitit's local executor instead (this machine, no SLURM: for machines wit
 for the tests).
 
 Preemption and time limits: SLURM signals the task (``USR2``, 90 s before the limit); submitit
-calls `CellTask.checkpoint`, which names the cell's OWN ``runs/<run id>/checkpoints/last.ckpt``
-(the last finished epoch), requeues the task and exits; the requeued task resumes from that file
+calls `CellTask.checkpoint`, which names the cell's OWN last checkpoint
+(``runs/<run id>/lightning_logs/version_<n>/checkpoints/last.ckpt``, the last finished epoch), requeues the task and exits; the requeued task resumes from that file
 and no other. A task killed without warning leaves its claim behind: on this host it is stale at
 once (its process is gone), elsewhere after ``$DPT_BENCH_STALE_AFTER`` seconds without heartbeat,
 and for the same requeued array task at once. Submitting the grid again sends only the cells
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dpt_lightning.bench.folder import RESULT, cell_dir, read_result
 from dpt_lightning.bench.grid import Grid, GridError, Run, find_run
-from dpt_lightning.bench.job import CHECKPOINTS, GridInterrupted
+from dpt_lightning.bench.job import GridInterrupted, own_last_checkpoint
 from dpt_lightning.bench.lock import CellClaim, job_identity
 
 SUBMITIT = "submitit"
@@ -143,8 +143,8 @@ class CellTask:
         last checkpoint (if an epoch finished)."""
         from submitit.helpers import DelayedSubmission
 
-        own = cell_dir(Path(self.folder), self.run_id) / CHECKPOINTS / "last.ckpt"
-        return DelayedSubmission(CellTask(self.folder, self.run_id, str(own) if own.is_file() else None))
+        own = own_last_checkpoint(cell_dir(Path(self.folder), self.run_id))
+        return DelayedSubmission(CellTask(self.folder, self.run_id, str(own) if own is not None else None))
 
 
 # ---------------------------------------------------------------------- submitting
