@@ -19,7 +19,6 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from dpt_lightning.data.errors import JSONFileError, read_json
 from dpt_lightning.files import atomic_write
 
 
@@ -58,19 +57,34 @@ def load_bank(source: str) -> dict[str, list[str]]:
     `DescriptionBankError` naming it."""
     path = Path(source).expanduser()
     if path.suffix == ".json" or path.is_file():
-        try:
-            bank = read_json(path, "description bank")
-        except FileNotFoundError:
-            raise DescriptionBankError(f"description bank {path} does not exist") from None
-        except JSONFileError as err:
-            raise DescriptionBankError(str(err)) from None
-        return validate_bank(bank, str(path))
+        return validate_bank(_read_json(path), str(path))
     name = source.lower()
     if name not in builtin_bank_names():
         raise DescriptionBankError(f"no shipped description bank {source!r}; shipped: {builtin_bank_names()}; "
                                    "or pass a path to a JSON file")
     text = (resources.files("dpt_lightning") / "descriptions" / f"{name}.json").read_text(encoding="utf-8")
     return validate_bank(json.loads(text), f"shipped bank {name}")
+
+
+def _read_json(path: Path) -> object:
+    """A bank file's JSON; every way it can fail is a `DescriptionBankError` naming the file.
+    (The data layer reads split files the same way; the two floors may not import each other.)"""
+    if not path.exists():
+        raise DescriptionBankError(f"description bank {path} does not exist")
+    if path.is_dir():
+        raise DescriptionBankError(f"{path}: is a folder, not a description bank (give the JSON file)")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DescriptionBankError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the bank "
+                                   "as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DescriptionBankError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise DescriptionBankError(f"{path}: lists or objects nested too deeply to be a description bank (a "
+                                   "bank is {classname: [sentences]})") from None
+    except OSError as err:
+        raise DescriptionBankError(f"{path}: cannot read the description bank ({err.strerror or err})") from None
 
 
 def sentences_for(bank: dict[str, list[str]], classnames: list[str], source: str = "bank") -> list[list[str]]:
