@@ -19,7 +19,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from dpt_lightning.files import atomic_write
+from dpt_lightning.files import JSONFileError, atomic_write, read_json
 
 
 class DescriptionBankError(ValueError):
@@ -67,24 +67,13 @@ def load_bank(source: str) -> dict[str, list[str]]:
 
 
 def _read_json(path: Path) -> object:
-    """A bank file's JSON; every way it can fail is a `DescriptionBankError` naming the file.
-    (The data layer reads split files the same way; the two floors may not import each other.)"""
-    if not path.exists():
-        raise DescriptionBankError(f"description bank {path} does not exist")
-    if path.is_dir():
-        raise DescriptionBankError(f"{path}: is a folder, not a description bank (give the JSON file)")
+    """A bank file's JSON; every way it can fail is a `DescriptionBankError` naming the file."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise DescriptionBankError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the bank "
-                                   "as UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise DescriptionBankError(f"{path}: not valid JSON ({err})") from None
-    except RecursionError:
-        raise DescriptionBankError(f"{path}: lists or objects nested too deeply to be a description bank (a "
-                                   "bank is {classname: [sentences]})") from None
-    except OSError as err:
-        raise DescriptionBankError(f"{path}: cannot read the description bank ({err.strerror or err})") from None
+        return read_json(path, "description bank")
+    except FileNotFoundError as err:
+        raise DescriptionBankError(str(err)) from None
+    except JSONFileError as err:
+        raise DescriptionBankError(str(err)) from None
 
 
 def sentences_for(bank: dict[str, list[str]], classnames: list[str], source: str = "bank") -> list[list[str]]:

@@ -6,6 +6,8 @@ cache folder and file modes.
   never half of one. ``exclusive=True`` never replaces an existing file.
 * `atomic_directory`: a folder is built under a temporary name and renamed into place once it is
   complete; when another process finished the same folder first, its copy is kept.
+* `read_json`: a JSON file whose every failure (missing, a folder, not UTF-8, invalid, nested too
+  deeply for the parser) is one error naming the file.
 * Files get the user's normal mode (``0o666`` minus the umask), not the ``0o600`` of a temporary
   file, so that others in a shared group can read checkpoints and results as they can any file the
   user writes.
@@ -13,6 +15,7 @@ cache folder and file modes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_directory", "atomic_write", "cache_root", "default_file_mode"]
+__all__ = ["JSONFileError", "atomic_directory", "atomic_write", "cache_root", "default_file_mode", "read_json"]
 
 
 def cache_root() -> Path:
@@ -102,3 +105,35 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class JSONFileError(ValueError):
+    """A JSON file that cannot be read, in one line naming the file and what to do."""
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """The content of the UTF-8 JSON file ``path`` (a ``what``, e.g. "split file", for messages).
+
+    A missing file is a ``FileNotFoundError``; a folder, an unreadable file, bytes that are not
+    UTF-8, invalid JSON and JSON nested too deeply to parse (which Python reports as a bare
+    ``RecursionError`` naming no file) are a `JSONFileError` naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise JSONFileError(f"{path}: is a folder, not a {what} (give the path of the JSON file)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise JSONFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the {what} "
+                            "as UTF-8") from None
+    except OSError as err:
+        raise JSONFileError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise JSONFileError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise JSONFileError(f"{path}: lists or objects nested too deeply to be a {what} (a {what} is at most "
+                            "a few levels deep)") from None

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from dpt_lightning.data.errors import DataError, JSONFileError, read_json
-from dpt_lightning.files import atomic_write
+from dpt_lightning.data.errors import DataError
+from dpt_lightning.files import JSONFileError, atomic_write, read_json
 
 SPLITS = ("train", "val", "test")
 Subsample = Literal["all", "base", "new"]
