@@ -42,11 +42,12 @@ NAN = math.nan
 # ------------------------------------------------------------------------ published
 @lru_cache(maxsize=1)
 def published() -> pd.DataFrame:
-    """The papers' published numbers (``dpt_lightning/bench/published.csv``): columns method,
-    label, protocol, dataset ('average' or a dataset), datasets, seeds, shots (empty: every K),
-    metric, value (%), approximate, reference."""
+    """The papers' published numbers (``dpt_lightning/bench/published.csv``; lines starting with
+    ``#`` are its notes on where each block comes from): columns method, label (one summary row
+    per label), protocol, dataset ('average' or a dataset), datasets, seeds, shots (empty: every
+    K), metric, value (%), approximate, reference."""
     with resources.files("dpt_lightning.bench").joinpath(PUBLISHED_FILE).open("r", encoding="utf-8") as f:
-        table = pd.read_csv(f, keep_default_na=False, na_values={"shots": [""], "seeds": [""]})
+        table = pd.read_csv(f, comment="#", keep_default_na=False, na_values={"shots": [""], "seeds": [""]})
     table["value"] = table["value"].astype(float)
     return table
 
