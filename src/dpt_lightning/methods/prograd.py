@@ -17,8 +17,9 @@ The logged ``loss`` is the cross-entropy: its (projected) gradient is the only o
 Teacher (``teacher``):
 * ``student`` (default, the reference code's fp32 path): the "zero-shot" prediction is computed by
   the model being trained, in a second forward pass without gradients, so teacher and student
-  agree: g_kl is zero up to rounding and ProGrad trains as CoOp, projecting (if at all) onto
-  rounding noise. Here the student's logits, detached, are the teacher (the same numbers: the
+  agree and g_kl is rounding noise (or exactly zero). Where that noise "conflicts" with g_ce, the
+  projection removes g_ce's component along it, a change the paper does not describe; otherwise
+  the step is CoOp's. Here the student's logits, detached, are the teacher (the same numbers: the
   backbone has no dropout during training, as in the reference).
 * ``zeroshot`` (the paper): the frozen zero-shot classifier of ``hand_template``
   (``a photo of a {class}.``, the reference's CUSTOM_TEMPLATES for all 11 datasets) on the same
