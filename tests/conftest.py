@@ -30,6 +30,6 @@ def tiny():
 def tiny_demo_backbone():
     """Builds the demo's pre-trained tiny backbone (``tiny-demo``) once, in this process, before
     any ``dpt`` subprocess would build it on its own."""
-    from dpt_lightning.pretrain import tiny_demo_dir
+    from dpt_lightning.demo.pretrain import tiny_demo_dir
 
     return f"local-dir:{tiny_demo_dir()}"

@@ -1,16 +1,21 @@
 """The shared backbone: real open_clip loading, equalities with open_clip, gradient facts."""
 from __future__ import annotations
 
+import logging
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
 from dpt_lightning.backbone import BackboneLoadError, BiomedCLIP, load_open_clip, resolve_backbone_name
-from dpt_lightning.tiny import tiny_model_dir
+from dpt_lightning.demo.models import tiny_model_dir
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a photo of a glioma tumor.", "a chest X-ray photo of a normal lungs affected by covid-19 in the lung.",
          "cat"]
 
@@ -120,7 +125,8 @@ def test_deep_text_prompts_replace_positions_before_each_layer(tiny):
     assert not torch.equal(seen[0][:, 1:3], torch.full_like(seen[0][:, 1:3], 7.0))
     assert torch.equal(seen[1][:, 1:3], torch.full_like(seen[1][:, 1:3], 7.0))
     with pytest.raises(ValueError, match="at most"):
-        tiny.encode_text_embeddings(tiny.token_embedding(ids), ids != tiny.pad_id, deep_prompts=deep * 2)
+        tiny.encode_text_embeddings(tiny.token_embedding(ids), ids != tiny.pad_id,
+                                    deep_prompts=deep * tiny.num_text_layers)
 
 
 def test_gradients_reach_prompts_never_the_backbone(tiny):
@@ -179,3 +185,71 @@ def test_download_biomedclip_writes_an_offline_folder(tmp_path, monkeypatch):
     loaded = BiomedCLIP(f"local-dir:{folder}")
     ids = loaded.tokenize(TEXTS)
     torch.testing.assert_close(loaded.encode_text(ids), BiomedCLIP("tiny").encode_text(ids))
+
+
+# ------------------------------------------------------------- loading errors and generated models
+def test_missing_local_folder_says_it_does_not_exist(tmp_path):
+    with pytest.raises(BackboneLoadError, match="does not exist"):
+        BiomedCLIP(f"local-dir:{tmp_path / 'nonexistent'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneLoadError, match="has no open_clip_config.json"):
+        BiomedCLIP(f"local-dir:{tmp_path / 'empty'}")
+
+
+def test_tiny_has_biomedclips_full_depth(tiny):
+    """12 ViT blocks and 12 BERT layers, as BiomedCLIP: every shipped config's depth fits."""
+    import yaml
+
+    from dpt_lightning.demo.models import TINY_VIT_NAME
+
+    assert tiny.num_vision_blocks == 12 == tiny.num_text_layers
+    assert (tiny.image_size, tiny.image_facts.patch_size, tiny.num_patches) == (160, 16, 100)
+    assert tiny.model.visual.trunk.default_cfg["architecture"] == TINY_VIT_NAME
+    for config in sorted((ROOT / "trainers").glob("*.yaml")):
+        depth = yaml.safe_load(config.read_text())["model"]["init_args"].get("depth", 0)
+        assert depth <= min(tiny.num_vision_blocks, tiny.num_text_layers), config.name
+
+
+@pytest.mark.slow
+def test_loader_registers_the_generated_image_tower_itself():
+    """A fresh process that loads a generated folder by path (not by the name ``tiny``) gets the
+    tiny ViT registered with timm by the loader, before open_clip builds the model."""
+    code = ("import sys\nfrom dpt_lightning.backbone import BiomedCLIP\n"
+            "assert 'dpt_lightning.demo.models' not in sys.modules\n"
+            f"b = BiomedCLIP('local-dir:{tiny_model_dir()}')\nprint(b.num_vision_blocks)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "12"
+
+
+def test_generated_models_do_not_warn_but_user_folders_do(tmp_path, caplog):
+    """open_clip's "no CLIP weights found" warning is silenced while our models are generated
+    (they have no weights until written); open_clip's warnings about a user's folder still show."""
+    from dpt_lightning.demo.models import TINY_BERT_NAME, TINY_RECIPE, WEIGHTS_FILE, write_model_dir
+
+    with caplog.at_level(logging.WARNING):
+        write_model_dir(tmp_path / "generated", TINY_RECIPE, TINY_BERT_NAME)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    user = tmp_path / "user"
+    shutil.copytree(tmp_path / "generated", user)
+    (user / WEIGHTS_FILE).rename(user / "a.bin")
+    shutil.copy(user / "a.bin", user / "b.bin")
+    with caplog.at_level(logging.WARNING):
+        BiomedCLIP(f"local-dir:{user}")
+    assert "Multiple checkpoints found" in caplog.text
+    for f in ("a.bin", "b.bin"):
+        (user / f).unlink()
+    with pytest.raises(BackboneLoadError, match="has no weights file"):
+        BiomedCLIP(f"local-dir:{user}")
+
+
+def test_prompts_refuse_gradient_checkpointing(tiny):
+    """A recomputation in backward would run the blocks without the prompts: refused."""
+    trunk = tiny.model.visual.trunk
+    trunk.set_grad_checkpointing(True)
+    try:
+        with pytest.raises(RuntimeError, match="checkpointing"):
+            tiny.encode_image(torch.randn(1, 3, tiny.image_size, tiny.image_size),
+                              [torch.zeros(2, tiny.vision_width)])
+    finally:
+        trunk.set_grad_checkpointing(False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dpt_lightning.bank_cli import main
-from dpt_lightning.data.demo import DEMO_CLASSES
+from dpt_lightning.demo.pictures import DEMO_CLASSES
 from dpt_lightning.data.facts import BENCHMARK_DATASETS
 from dpt_lightning.descriptions import (
     DescriptionBankError,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dpt_lightning.bench import Run, load_grid
-from dpt_lightning.bench_run import invoke_cli, read_test_metrics
-from dpt_lightning.pretrain import class_contrastive_loss
+from dpt_lightning.bench.job import run_stages
+from dpt_lightning.demo.pretrain import class_contrastive_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = load_grid(ROOT / "benchmarks/demo.yaml")
@@ -24,8 +24,7 @@ def demo_accuracy(method, subcommand: str, folder: Path) -> float:
     """Test accuracy of ``method`` on the demo (16 shots, seed 1) through the dpt code: ``test``
     gives the untrained start, ``fit`` the model after the demo grid's short training."""
     _, args, _ = Run(method, DEMO, "fewshot", 16, 1, tuple(GRID.args)).stages(folder)[0]
-    cli = invoke_cli([subcommand, *args, "--trainer.enable_progress_bar=false"])
-    return read_test_metrics(cli)["acc"]
+    return run_stages([(subcommand, [*args, "--trainer.enable_progress_bar=false"], "")], folder)["acc"]
 
 
 def test_class_contrastive_loss_by_hand():

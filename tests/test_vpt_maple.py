@@ -12,7 +12,7 @@ import torch
 
 from dpt_lightning import MaPLe, VPT, ZeroShot
 from dpt_lightning.data.facts import dataset_facts
-from dpt_lightning.tiny import BIOMEDCLIP_RECIPE, TINY_RECIPE, write_model_dir
+from dpt_lightning.demo.models import BIOMEDCLIP_RECIPE, TINY_RECIPE, write_model_dir
 from dpt_lightning.visual_prompts import patch_fan_in, xavier_bound
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,53 +1,67 @@
 """The ``tiny-demo`` backbone: the tiny random model after a short contrastive pre-training.
 
-The tiny model (`dpt_lightning.tiny`) has random weights, so on the synthetic demo pictures its
+The tiny model (`dpt_lightning.demo.models`) has random weights, so on the synthetic demo pictures its
 zero-shot accuracy is chance and prompt learning has nothing to build on. This module gives it a
 small "CLIP pre-training" on demo-like pictures and their captions, so that the offline demo tells
 the real story: zero-shot above chance, prompt learning better.
 
-Recipe (`PRETRAIN_RECIPE`; seeded, cached, well under a minute on a 2-core CPU):
+Recipe (`PRETRAIN_RECIPE`; seeded, cached, about a minute of CPU time):
 
 * pictures: ``images_per_class`` fresh pictures of every demo class, drawn by the demo's own
   ``draw_demo_image`` from a separate random stream (``image_seed``): the demo data set's own
   images (its train and test splits) are never seen in pre-training;
 * captions: `pretraining_captions` = the demo's ``DEMO_CAPTIONS`` plus a few variants per class,
-  made of words of the tiny vocabulary. None contains "photo" or "of", so the methods' template
-  ``a photo of a {}.`` holds two words the text tower never learned: like a real model meeting a
-  prompt unlike its pre-training captions, its zero-shot accuracy is well above chance but far
-  from perfect (about 50% with this recipe, 4 classes), and learning the context fixes it;
+  made of words of the tiny vocabulary, with a bias like that of web captions: "a photo of" comes
+  before most circles and stripes and never before squares or crosses. The methods' template
+  ``a photo of a {}.`` therefore pulls squares and crosses towards circles and stripes: like a
+  real model meeting a prompt that its pre-training captions skewed, its zero-shot accuracy is
+  well above chance but far from perfect (about 75% with this recipe, 4 classes), and learning
+  the context (or the images' prompts) removes the bias;
 * model: every weight trains (AdamW, warm-up) except ``logit_scale``;
 * loss: class-level contrastive. Each step samples a batch of pictures and one caption per class;
   every picture is classified among the captions (cross-entropy) and every caption among the
   pictures, its target spread evenly over the pictures of its class.
 
-The result is written next to the tiny model in ``$DPT_CACHE_DIR`` as a complete ``local-dir:``
-folder (a copy of the tiny folder with new weights and a ``pretraining.json`` record), named by a
-hash of the recipe, and loaded through exactly the same open_clip path as every other backbone.
+Pre-training works on the open_clip model itself (its own ``encode_text`` / ``encode_image``, the
+tokenizer from the folder, open_clip's evaluation transform), not on `dpt_lightning.backbone`. The
+result is written next to the tiny model in ``$DPT_CACHE_DIR`` as a complete ``local-dir:`` folder
+(the tiny folder's files with new weights and a ``pretraining.json`` record), named by a hash of the
+recipe, and loaded through exactly the same open_clip path as every other backbone.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from dpt_lightning.data.demo import DEMO_CAPTIONS, DEMO_CLASSES, draw_demo_image
-from dpt_lightning.tiny import cache_root, tiny_model_dir
+from dpt_lightning.demo.models import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TINY_BERT_NAME,
+    TINY_RECIPE,
+    WEIGHTS_FILE,
+    recipe_key,
+    write_model_dir,
+)
+from dpt_lightning.demo.pictures import DEMO_CAPTIONS, DEMO_CLASSES, draw_demo_image
+from dpt_lightning.files import atomic_directory, atomic_write, cache_root
 
-WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
-#: Extra captions per demo class (words of the tiny vocabulary only; never "photo" or "of").
+#: Extra captions per demo class (words of the tiny vocabulary only). A caption bias, as in web
+#: captions: "a photo of" precedes circles and stripes (most of their captions), never squares or
+#: crosses, and no caption ends in "." as the template does.
 EXTRA_CAPTIONS = {
-    "circle": ["a round red circle", "a circle", "red circle", "a bright round circle in the centre"],
+    "circle": ["a photo of a red circle", "a photo of a circle", "a photo of a round circle",
+               "a photo of a bright round circle in the centre"],
     "square": ["a square", "green square", "a sharp green square", "a bright square with sharp edge"],
-    "stripes": ["stripes", "blue stripes", "many horizontal stripes", "a pattern of blue stripes"],
+    "stripes": ["a photo of blue stripes", "a photo of stripes", "a photo of many horizontal stripes",
+                "a photo of a pattern of blue stripes"],
     "cross": ["a cross", "bright cross", "a bright cross", "a cross with vertical and horizontal lines"],
 }
 
@@ -56,13 +70,13 @@ PRETRAIN_RECIPE = {
     "image_seed": 2024,  # the demo data set is drawn with seed 0: its pictures are never seen here
     "validation_per_class": 16,  # fresh pictures (own seed) for the recorded zero-shot accuracy
     "validation_seed": 2025,
-    "steps": 250,
+    "steps": 150,
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_steps": 20,
     "weight_decay": 0.01,
     "seed": 0,
-    "version": 1,
+    "version": 2,
 }
 
 
@@ -71,11 +85,17 @@ def pretraining_captions() -> dict[str, list[str]]:
     return {name: [DEMO_CAPTIONS[name], *EXTRA_CAPTIONS.get(name, [])] for name in DEMO_CLASSES}
 
 
-def pretraining_images(backbone, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Fresh demo pictures (``per_class`` of each class, in ``DEMO_CLASSES`` order) after the
-    backbone's test transform, and their labels."""
+def evaluation_transform(image_size: int):
+    """open_clip's evaluation preprocessing of the tiny model (resize, centre crop, CLIP normalisation)."""
+    import open_clip
+
+    return open_clip.image_transform(image_size, is_train=False, mean=tuple(CLIP_MEAN), std=tuple(CLIP_STD))
+
+
+def pretraining_images(transform, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Fresh demo pictures (``per_class`` of each class, in ``DEMO_CLASSES`` order) after
+    ``transform``, and their labels."""
     rng = random.Random(seed)
-    transform = backbone.test_transform()
     images, labels = [], []
     for label, (shape, colour) in enumerate(DEMO_CLASSES.values()):
         for _ in range(per_class):
@@ -100,19 +120,26 @@ def class_contrastive_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return image_to_text + text_to_image
 
 
-def zero_shot_accuracy(backbone, images: Tensor, labels: Tensor, template: str = ZERO_SHOT_TEMPLATE) -> float:
+def features(model: nn.Module, tokenizer, texts: list[str], images: Tensor) -> tuple[Tensor, Tensor]:
+    """L2-normalised (text, image) features from open_clip's own encoders."""
+    text = F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
+    image = F.normalize(model.encode_image(images).float(), dim=-1)
+    return text, image
+
+
+def zero_shot_accuracy(model: nn.Module, tokenizer, images: Tensor, labels: Tensor,
+                       template: str = ZERO_SHOT_TEMPLATE) -> float:
     """Top-1 accuracy of ``template`` prompts of the demo class names on (transformed) images."""
-    was_training = backbone.model.training
-    backbone.model.eval()
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
-        text = backbone.encode_sentences([template.format(name) for name in DEMO_CLASSES])
-        image = F.normalize(backbone.encode_image(images).float(), dim=-1)
-    backbone.model.train(was_training)
+        text, image = features(model, tokenizer, [template.format(name) for name in DEMO_CLASSES], images)
+    model.train(was_training)
     return float(((image @ text.t()).argmax(dim=1) == labels).float().mean())
 
 
-def pretrain(backbone, recipe: dict = PRETRAIN_RECIPE) -> dict:
-    """Pre-train ``backbone`` (a `BiomedCLIP`, modified in place) on demo pictures and captions.
+def pretrain(model: nn.Module, tokenizer, image_size: int, recipe: dict = PRETRAIN_RECIPE) -> dict:
+    """Pre-train an open_clip ``model`` (modified in place) on demo pictures and captions.
 
     Every weight trains except ``logit_scale``. Deterministic for a given recipe on a given
     platform (seeded, CPU). Returns a record: losses of the first and last step and the zero-shot
@@ -120,9 +147,9 @@ def pretrain(backbone, recipe: dict = PRETRAIN_RECIPE) -> dict:
     """
     torch.manual_seed(recipe["seed"])
     rng = random.Random(recipe["seed"])
-    images, labels = pretraining_images(backbone, recipe["images_per_class"], recipe["image_seed"])
+    transform = evaluation_transform(image_size)
+    images, labels = pretraining_images(transform, recipe["images_per_class"], recipe["image_seed"])
     captions = list(pretraining_captions().values())
-    model = backbone.model
     model.requires_grad_(True)
     model.logit_scale.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,10 +162,8 @@ def pretrain(backbone, recipe: dict = PRETRAIN_RECIPE) -> dict:
     try:
         for _ in range(recipe["steps"]):
             index = torch.randint(len(images), (recipe["batch_size"],), generator=generator)
-            texts = [rng.choice(options) for options in captions]
-            text = F.normalize(backbone.encode_text(backbone.tokenize(texts)).float(), dim=-1)
-            image = F.normalize(backbone.encode_image(images[index]).float(), dim=-1)
-            loss = class_contrastive_loss(backbone.logit_scale * image @ text.t(), labels[index])
+            text, image = features(model, tokenizer, [rng.choice(options) for options in captions], images[index])
+            loss = class_contrastive_loss(model.logit_scale.exp() * image @ text.t(), labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -147,38 +172,32 @@ def pretrain(backbone, recipe: dict = PRETRAIN_RECIPE) -> dict:
     finally:
         model.eval()
         model.requires_grad_(False)
-    held_out, held_out_labels = pretraining_images(backbone, recipe["validation_per_class"], recipe["validation_seed"])
+    held_out, held_out_labels = pretraining_images(transform, recipe["validation_per_class"],
+                                                   recipe["validation_seed"])
     return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
-            "validation_zero_shot": zero_shot_accuracy(backbone, held_out, held_out_labels)}
+            "validation_zero_shot": zero_shot_accuracy(model, tokenizer, held_out, held_out_labels)}
 
 
 def _recipe_key() -> str:
-    key = json.dumps([PRETRAIN_RECIPE, pretraining_captions(), sorted(DEMO_CLASSES), tiny_model_dir().name,
+    key = json.dumps([PRETRAIN_RECIPE, pretraining_captions(), sorted(DEMO_CLASSES), recipe_key(TINY_RECIPE),
                       torch.__version__.split("+")[0]], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def tiny_demo_dir() -> Path:
     """The ``tiny-demo`` model folder: generated on first use (pre-training), then cached."""
-    from dpt_lightning.backbone import BiomedCLIP
+    import open_clip
 
-    source = tiny_model_dir()
     folder = cache_root() / f"tiny-demo-{_recipe_key()}"
-    if (folder / WEIGHTS_FILE).is_file():
+    if folder.is_dir():  # built under a temporary name: a folder that exists is complete
         return folder
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-demo-", dir=folder.parent))
-    try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        backbone = BiomedCLIP(f"local-dir:{tmp}")
-        record = pretrain(backbone)
-        torch.save(backbone.model.state_dict(), tmp / WEIGHTS_FILE)
-        (tmp / "pretraining.json").write_text(json.dumps(
-            {"recipe": PRETRAIN_RECIPE, "captions": pretraining_captions(), "source": source.name, **record},
-            indent=2))
-        try:
-            tmp.rename(folder)  # atomic; a concurrent writer may have won, which is fine
-        except OSError:
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(folder) as tmp:
+        # The tiny model as `tiny_model_dir` writes it (same recipe and seed: the same weights).
+        model = write_model_dir(tmp, TINY_RECIPE, TINY_BERT_NAME)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+        record = pretrain(model, tokenizer, TINY_RECIPE["vision"]["image_size"])
+        atomic_write(tmp / WEIGHTS_FILE, lambda f: torch.save(model.state_dict(), f))
+        atomic_write(tmp / "pretraining.json", json.dumps(
+            {"recipe": PRETRAIN_RECIPE, "captions": pretraining_captions(), "source": f"tiny-{recipe_key(TINY_RECIPE)}",
+             **record}, indent=2))
     return folder
