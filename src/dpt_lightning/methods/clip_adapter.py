@@ -93,7 +93,8 @@ class CLIPAdapter(FrozenFeatureTrainer):
             return reference_iteration_lr(iteration, hp.lr, hp.warmup_epochs, hp.warmup_lr, epochs)
         return hp.lr * dassl_lr_factor(epoch, epochs, hp.warmup_epochs, hp.warmup_lr / hp.lr)
 
-    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int) -> dict[str, float]:
+    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int,
+                     prepared=None) -> dict[str, float]:
         (optimizer,) = self.head_optimizers()
         iteration, losses, correct = 0, [], 0
         for epoch in range(epochs):

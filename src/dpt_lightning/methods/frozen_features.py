@@ -10,10 +10,11 @@ goes through the tower exactly once. The validation split is encoded once with t
 A grid-level feature store can serve these passes unchanged: a pass is identified by the backbone,
 the plain image path, the training transform, the data seed, the epoch and the item.
 
-Lightning. The whole fit (feature passes, the head's epochs, searches on validation) runs in the
-first training step, with manual optimisation: every optimiser step goes through Lightning's
-optimisers (so ``global_step`` counts the head's steps and checkpoints are written as usual), then
-the trainer is told to stop. ``trainer.max_epochs`` is the number of epochs of the head's training
+Lightning. ``on_fit_start`` encodes the validation split and sets the head's data-derived starting
+values (``prepare_fit``); the fit itself (the head's epochs over the passes, searches on
+validation) runs in the first training step, with manual optimisation: every optimiser step goes
+through Lightning's optimisers (so ``global_step`` counts the head's steps and checkpoints are
+written as usual), then the trainer stops. ``trainer.max_epochs`` is the number of epochs of the head's training
 over the cached features (methods without epochs ignore it). The image batch Lightning hands to
 that step is not used: the passes above read the training set themselves.
 """
@@ -86,15 +87,19 @@ class TrainingViews:
 
     ``next_pass()`` encodes the views of the next epoch (0, 1, 2, ...), each once. The images are
     read by one loader over all passes (its workers start once); the tower runs in this process,
-    only on the images of requested passes. ``encoded`` counts the images encoded so far.
+    only on the images of requested passes. With ``distinct`` set, only the first ``distinct``
+    passes are encoded and kept; pass ``p`` after them is pass ``p % distinct`` again. ``encoded``
+    counts the images encoded so far.
     """
 
-    def __init__(self, loader: DataLoader, encode: Callable[[Tensor], Tensor], device: torch.device):
+    def __init__(self, loader: DataLoader, encode: Callable[[Tensor], Tensor], device: torch.device,
+                 distinct: int | None = None):
         self.dataset, self.sampler = loader.dataset, loader.sampler
         self.batch_size, self.num_workers = loader.batch_size or 1, loader.num_workers
-        self.encode, self.device = encode, device
+        self.encode, self.device, self.distinct = encode, device, distinct
         self.passes = self.encoded = 0
         self._batches: Iterator | None = None
+        self._kept: dict[int, FeatureSet] = {}
 
     def _keys(self, epoch: int) -> list:
         if hasattr(self.sampler, "set_epoch"):
@@ -110,6 +115,9 @@ class TrainingViews:
 
     def next_pass(self) -> FeatureSet:
         """The features of the next pass, in its epoch's shuffled order."""
+        if self.distinct is not None and self.passes >= self.distinct:
+            self.passes += 1
+            return self._kept[(self.passes - 1) % self.distinct]
         if self._batches is None:
             loader = DataLoader(self.dataset, batch_sampler=self._batch_keys(), num_workers=self.num_workers)
             self._batches = iter(loader)
@@ -117,9 +125,12 @@ class TrainingViews:
         indices = torch.tensor([key[0] if isinstance(key, tuple) else key for key in keys], device=self.device)
         count = -(-len(keys) // self.batch_size)
         views = encode_batches(itertools.islice(self._batches, count), self.encode, self.device)
+        views = FeatureSet(views.features, views.labels, indices)
+        if self.distinct is not None:
+            self._kept[self.passes] = views
         self.passes += 1
         self.encoded += len(views)
-        return FeatureSet(views.features, views.labels, indices)
+        return views
 
     def close(self) -> None:
         """Stop the image loader (and its workers)."""
@@ -173,6 +184,9 @@ class FrozenFeatureTrainer(PromptTrainer):
     Args:
         crop_scale: RandomResizedCrop scale range of the training views (reference: 0.5-1).
         hflip: random horizontal flips of the training views (reference: yes).
+        view_passes: ``None`` (reference): every pass over the training set draws fresh views;
+            a number N: only N passes go through the tower and later passes reuse them in turn
+            (fewer tower passes for CLIP-Adapter and Tip-Adapter-F, less augmentation variety).
     """
 
     #: Does the fit select or search on the validation split (which must then have images)?
@@ -180,12 +194,16 @@ class FrozenFeatureTrainer(PromptTrainer):
     #: Fitted tensors (parameters or buffers) whose shape comes from the training data.
     data_shaped: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True, **kwargs):
+    def __init__(self, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
+                 view_passes: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"model.crop_scale must be two numbers 0 < low <= high <= 1, got {crop_scale}")
+        if view_passes is not None and view_passes < 1:
+            raise ValueError(f"model.view_passes must be at least 1 (or null: fresh views every pass), got {view_passes}")
         self.automatic_optimization = False
         self._plain_optimizers: list | None = None
+        self._fit_inputs = None
 
     # ------------------------------------------------------------------ views
     def train_view_transform(self) -> Callable:
@@ -205,23 +223,31 @@ class FrozenFeatureTrainer(PromptTrainer):
             return self.encode_images(images)
 
     # ------------------------------------------------------------- the fit
-    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int) -> dict[str, float]:
+    def prepare_fit(self, views: TrainingViews, val: FeatureSet | None):
+        """Set the head's data-derived starting values (a cache, initial weights) before training
+        starts; returns what ``fit_features`` needs besides the views (e.g. the pass it used)."""
+        return None
+
+    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int,
+                     prepared=None) -> dict[str, float]:
         """Fit the head from training passes (``views.next_pass()``) and the validation features;
-        ``epochs`` is the head's number of training epochs. Returns values to log."""
+        ``epochs`` is the head's number of training epochs. Returns values to log, among them
+        ``train_loss`` (the fitted head's training loss)."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        trainer = self.trainer
-        trainer.should_stop = True  # the fit below is the whole training
-        if self.current_epoch > 0:  # resumed from a checkpoint written after the fit
-            return None
-        datamodule = trainer.datamodule
+    def fit_frozen(self, views: TrainingViews, val: FeatureSet | None, epochs: int) -> dict[str, float]:
+        """The whole fit outside Lightning: ``prepare_fit`` then ``fit_features``."""
+        return self.fit_features(views, val, epochs, self.prepare_fit(views, val))
+
+    def on_fit_start(self) -> None:
+        """Encode the validation split, open the training passes and set the data-derived
+        starting values, so that callbacks see the head as its training starts."""
+        self._fit_inputs = None
+        if self.current_epoch > 0:  # resumed from a checkpoint written after the fit: nothing to do
+            return
+        datamodule = self.trainer.datamodule
         if datamodule is None:
             raise ValueError(f"{type(self).__name__} reads its training passes from a datamodule; fit with one")
-        epochs = trainer.max_epochs
-        if not epochs or epochs < 1:
-            raise ValueError(f"{type(self).__name__}: trainer.max_epochs is the number of epochs of the head's "
-                             f"training and must be at least 1, got {epochs}")
         val = None
         if self.uses_validation:
             loader = datamodule.val_dataloader()
@@ -230,17 +256,34 @@ class FrozenFeatureTrainer(PromptTrainer):
                                  "empty here; give every class validation images (data.num_shots selects "
                                  "min(K, 4) per class)")
             val = encode_batches(loader, self.encode_frozen, self.device)
-        views = TrainingViews(datamodule.train_dataloader(), self.encode_frozen, self.device)
+        views = TrainingViews(datamodule.train_dataloader(), self.encode_frozen, self.device,
+                              distinct=self.hparams.view_passes)
+        with torch.autocast(self.device.type, enabled=False):
+            self._fit_inputs = (views, val, self.prepare_fit(views, val))
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int):
+        super().on_train_batch_start(batch, batch_idx)
+        self.trainer.should_stop = True  # the first step is the whole training
+        if getattr(self, "_fit_inputs", None) is None:
+            return -1  # fitted already: skip the epoch
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        epochs = self.trainer.max_epochs
+        if not epochs or epochs < 1:
+            raise ValueError(f"{type(self).__name__}: trainer.max_epochs is the number of epochs of the head's "
+                             f"training and must be at least 1, got {epochs}")
+        views, val, prepared = self._fit_inputs
         try:
             with torch.autocast(self.device.type, enabled=False):
-                summary = self.fit_features(views, val, int(epochs))
+                summary = self.fit_features(views, val, int(epochs), prepared)
         finally:
             views.close()
+            self._fit_inputs = None
         for optimizer in self.head_optimizers():  # the fit is over: keep checkpoints small
             getattr(optimizer, "optimizer", optimizer).state.clear()
         summary = {"train_views_encoded": float(views.encoded), **summary}
         self.log_dict({k: float(v) for k, v in summary.items()}, on_step=True, on_epoch=False)
-        return None
+        return torch.tensor(float(summary["train_loss"]))
 
     # ------------------------------------------------------- optimisation
     def head_optimizers(self) -> list:

@@ -98,10 +98,13 @@ class LinearProbe(FrozenFeatureTrainer):
         optimizer.step(closure)
         return self.weight.detach().clone(), self.bias.detach().clone()
 
-    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int) -> dict[str, float]:
+    def prepare_fit(self, views: TrainingViews, val: FeatureSet | None) -> FeatureSet:
+        return views.next_pass()  # the features of one augmented pass
+
+    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int,
+                     prepared=None) -> dict[str, float]:
         hp = self.hparams
-        train = views.next_pass()
-        features, labels = train.features.double(), train.labels
+        features, labels = prepared.features.double(), prepared.labels
 
         def fit(c: float) -> tuple[float, tuple[Tensor, Tensor]]:
             weight, bias = self.fit_c(features, labels, c)
@@ -111,7 +114,8 @@ class LinearProbe(FrozenFeatureTrainer):
         with torch.no_grad():
             self.weight.copy_(weight)
             self.bias.copy_(bias)
-        return {"fit_val_acc": acc, "lp_c": c, "lp_fits": float(fits)}
+            loss = logistic_objective(weight, bias, features, labels, c).item()
+        return {"train_loss": loss, "fit_val_acc": acc, "lp_c": c, "lp_fits": float(fits)}
 
 
 def search_c(fit, c_grid: Sequence[float], steps: int, select: str = "last_step"):

@@ -93,16 +93,21 @@ class LPPlusPlus(FrozenFeatureTrainer):
         hp = self.hparams
         return torch.optim.SGD([self.weight, self.bias], lr=1.0, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
-    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int) -> dict[str, float]:
+    def prepare_fit(self, views: TrainingViews, val: FeatureSet | None) -> FeatureSet:
+        """The features of one augmented pass; W from their class sums, alpha from their text similarity."""
+        train = views.next_pass()
+        text_logits = train.features @ self.class_features.t()
+        with torch.no_grad():
+            self.weight.copy_(class_sums(train.features, train.labels, len(self.classnames)))
+            self.alpha.fill_(initial_alpha(text_logits, train.labels, self.hparams.alpha_init_scale))
+        return train
+
+    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int,
+                     prepared=None) -> dict[str, float]:
         hp = self.hparams
         (optimizer,) = self.head_optimizers()
-        train = views.next_pass()
-        features, labels = train.features, train.labels
-        text_logits = features @ self.class_features.t()
-        lr_w, lr_alpha = weight_lr(features), alpha_lr(text_logits)
-        with torch.no_grad():
-            self.weight.copy_(class_sums(features, labels, len(self.classnames)))
-            self.alpha.fill_(initial_alpha(text_logits, labels, hp.alpha_init_scale))
+        features, labels = prepared.features, prepared.labels
+        lr_w, lr_alpha = weight_lr(features), alpha_lr(features @ self.class_features.t())
         self.alpha.grad = None
         set_lr(optimizer, lr_w)
         best, best_epoch, kept, loss = -1.0, -1, None, None

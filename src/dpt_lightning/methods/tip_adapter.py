@@ -123,13 +123,21 @@ class TipAdapter(FrozenFeatureTrainer):
 
         return -float(search.step(errors)) / len(val)
 
-    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int) -> dict[str, float]:
+    def prepare_fit(self, views: TrainingViews, val: FeatureSet | None) -> None:
         self.build_cache(views)
-        summary = self.finetune_keys(views, val, epochs) if self.finetune else {}
+
+    def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int,
+                     prepared=None) -> dict[str, float]:
+        summary = self.finetune_keys(views, val, epochs)
         summary["fit_val_acc"] = self.search_alpha_beta(val)
+        if "train_loss" not in summary:  # nothing trained: the fitted model's loss on its own cache
+            with torch.no_grad():
+                summary["train_loss"] = F.cross_entropy(self.logits(self.cache_keys, self.class_features),
+                                                        self.cache_labels).item()
         return {**summary, "tip_alpha": float(self.alpha), "tip_beta": float(self.beta)}
 
     def finetune_keys(self, views: TrainingViews, val: FeatureSet, epochs: int) -> dict[str, float]:
+        """Train the cache keys (Tip-Adapter-F); Tip-Adapter trains nothing."""
         return {}
 
 
