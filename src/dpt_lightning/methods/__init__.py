@@ -4,6 +4,7 @@ from dpt_lightning.methods.biomed_coop import BiomedCoOp
 from dpt_lightning.methods.biomed_dpt import BiomedDPT
 from dpt_lightning.methods.clip_adapter import CLIPAdapter
 from dpt_lightning.methods.checkpoints import CheckpointMismatchError
+from dpt_lightning.methods.clip_svd import CLIPSVD
 from dpt_lightning.methods.cocoop import CoCoOp
 from dpt_lightning.methods.coop import CoOp
 from dpt_lightning.methods.kgcoop import KgCoOp
@@ -18,3 +19,4 @@ from dpt_lightning.methods.zeroshot import ZeroShot
 __all__ = ["BiomedCoOp", "BiomedDPT", "CheckpointMismatchError", "CoOp", "MaPLe", "PromptTrainer", "VPT", "ZeroShot"]
 __all__ += ["CoCoOp", "KgCoOp", "ProGrad"]
 __all__ += ["CLIPAdapter", "LinearProbe", "LPPlusPlus", "TipAdapter", "TipAdapterF"]
+__all__ += ["CLIPSVD"]
