@@ -14,9 +14,9 @@ Lightning. ``on_fit_start`` encodes the validation split and sets the head's dat
 values (``prepare_fit``); the fit itself (the head's epochs over the passes, searches on
 validation) runs in the first training step, with manual optimisation: every optimiser step goes
 through Lightning's optimisers (so ``global_step`` counts the head's steps and checkpoints are
-written as usual), then the trainer stops. ``trainer.max_epochs`` is the number of epochs of the head's training
-over the cached features (methods without epochs ignore it). The image batch Lightning hands to
-that step is not used: the passes above read the training set themselves.
+written as usual), then the trainer stops. ``trainer.max_epochs`` is the number of epochs of the
+head's training over the cached features (methods without epochs ignore it). The image batch
+Lightning hands to that step is not used: the passes above read the training set themselves.
 """
 from __future__ import annotations
 
@@ -200,10 +200,14 @@ class FrozenFeatureTrainer(PromptTrainer):
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"model.crop_scale must be two numbers 0 < low <= high <= 1, got {crop_scale}")
         if view_passes is not None and view_passes < 1:
-            raise ValueError(f"model.view_passes must be at least 1 (or null: fresh views every pass), got {view_passes}")
+            raise ValueError(f"model.view_passes must be at least 1 (or null: fresh views every pass), got "
+                             f"{view_passes}")
         self.automatic_optimization = False
         self._plain_optimizers: list | None = None
         self._fit_inputs = None
+        #: Has the head been fitted? Saved with it, so that a fit resumed from its checkpoint
+        #: (restored before ``on_fit_start``) neither encodes nor changes anything.
+        self.register_buffer("fitted", torch.tensor(False))
 
     # ------------------------------------------------------------------ views
     def train_view_transform(self) -> Callable:
@@ -243,11 +247,14 @@ class FrozenFeatureTrainer(PromptTrainer):
         """Encode the validation split, open the training passes and set the data-derived
         starting values, so that callbacks see the head as its training starts."""
         self._fit_inputs = None
-        if self.current_epoch > 0:  # resumed from a checkpoint written after the fit: nothing to do
+        if self.fitted:  # resumed from a checkpoint of the fitted head: nothing to do
             return
-        datamodule = self.trainer.datamodule
+        datamodule, epochs = self.trainer.datamodule, self.trainer.max_epochs
         if datamodule is None:
             raise ValueError(f"{type(self).__name__} reads its training passes from a datamodule; fit with one")
+        if not epochs or epochs < 1:
+            raise ValueError(f"{type(self).__name__}: trainer.max_epochs is the number of epochs of the head's "
+                             f"training and must be at least 1, got {epochs}")
         val = None
         if self.uses_validation:
             loader = datamodule.val_dataloader()
@@ -264,21 +271,18 @@ class FrozenFeatureTrainer(PromptTrainer):
     def on_train_batch_start(self, batch: dict, batch_idx: int):
         super().on_train_batch_start(batch, batch_idx)
         self.trainer.should_stop = True  # the first step is the whole training
-        if getattr(self, "_fit_inputs", None) is None:
+        if self._fit_inputs is None:
             return -1  # fitted already: skip the epoch
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        epochs = self.trainer.max_epochs
-        if not epochs or epochs < 1:
-            raise ValueError(f"{type(self).__name__}: trainer.max_epochs is the number of epochs of the head's "
-                             f"training and must be at least 1, got {epochs}")
         views, val, prepared = self._fit_inputs
         try:
             with torch.autocast(self.device.type, enabled=False):
-                summary = self.fit_features(views, val, int(epochs), prepared)
+                summary = self.fit_features(views, val, int(self.trainer.max_epochs), prepared)
         finally:
             views.close()
             self._fit_inputs = None
+        self.fitted.fill_(True)
         for optimizer in self.head_optimizers():  # the fit is over: keep checkpoints small
             getattr(optimizer, "optimizer", optimizer).state.clear()
         summary = {"train_views_encoded": float(views.encoded), **summary}
