@@ -36,6 +36,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def code_version() -> str:
+    """The commit measured: this checkout's, or ``$DPT_SOURCE_COMMIT`` for an exported snapshot."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    dirty = ""
+    if commit:
+        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30).stdout
+        dirty = " (with uncommitted changes)" if status.strip() else ""
+    return (commit + dirty) if commit else os.environ.get("DPT_SOURCE_COMMIT", "unknown")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", default=str(ROOT / "benchmarks" / "demo.yaml"))
@@ -77,7 +92,7 @@ def main() -> int:
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs usable: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
         f"device: {device}; Python {platform.python_version()}",
-        f"- command: `python benchmarks/workers.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python benchmarks/workers.py {' '.join(sys.argv[1:])}`; code: {code_version()}",
         f"- runs per grid: {len(reference)}; every setting starts from an empty run folder; wall time of the whole "
         "`dpt-bench` process (start-up, every cell, results.csv, summary and plot)",
         "",
