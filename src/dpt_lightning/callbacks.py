@@ -102,6 +102,8 @@ class DivergenceGuard(Callback):
     norm at the start of the fit (at least ``sqrt(numel) * 0.01``, for tensors that start at zero),
     or a loss beyond ``loss_growth`` times the first step's (at least 1), gives one warning naming
     the tensor, the step and what to do; with ``stop`` the fit ends with `DivergenceError` instead.
+    A method whose parameters legitimately grow far from their start (a linear probe fitted from
+    zero) sets ``guard_parameter_growth = False``: only its loss is watched.
 
     Args:
         norm_growth: allowed growth of a trainable tensor's norm.
@@ -116,14 +118,15 @@ class DivergenceGuard(Callback):
         self._warned = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        watched = getattr(pl_module, "guard_parameter_growth", True)
         self._start = {name: max(p.detach().norm().item(), 0.01 * p.numel() ** 0.5)
-                       for name, p in pl_module.named_parameters() if p.requires_grad}
+                       for name, p in pl_module.named_parameters() if watched and p.requires_grad and p.numel()}
         self._first_loss = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self._warned:
             return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         problems = []
         if isinstance(loss, torch.Tensor):
             value = loss.detach().float().item()

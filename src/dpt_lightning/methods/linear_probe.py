@@ -49,6 +49,9 @@ class LinearProbe(FrozenFeatureTrainer):
         max_iter, tol: L-BFGS iterations and gradient tolerance (scikit-learn: 1000, 1e-4).
     """
 
+    #: Fitted from zero by L-BFGS: the weights legitimately end far from their start.
+    guard_parameter_growth = False
+
     def __init__(
         self,
         c_grid: Sequence[float] = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6),
