@@ -130,7 +130,7 @@ def one_thread() -> Iterator[None]:
 
 def thin_svd(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``U (m, r), s (r,), Vh (r, n)`` with ``weight = U diag(s) Vh``, r = min(m, n), in float32. A
-    wide matrix is factorised through its transpose (LAPACK is much faster on tall matrices)."""
+    wide matrix is factorised through its transpose (about twice as fast as the wide form here)."""
     with torch.no_grad():
         w = weight.detach().float()
         if w.shape[0] >= w.shape[1]:
@@ -351,7 +351,9 @@ class CLIPSVD(PromptTrainer):
             raise ValueError(f"model.schedule must be 'reference' or 'cosine' and model.eta_min >= 0, got "
                              f"{schedule!r}, {eta_min}")
         super().__init__(lr=resolved["lr"], weight_decay=weight_decay, warmup_epochs=warmup_epochs, **kwargs)
-        record_hparams(self, lr=resolved["lr"])
+        # lists, not the defaults' tuples: hparams.yaml must load with yaml.safe_load
+        record_hparams(self, lr=resolved["lr"], towers=list(towers), matrices=list(matrices),
+                       layers=layers if isinstance(layers, str) else list(layers))
 
     def configure_prompts(self) -> None:
         hp = self.hparams
