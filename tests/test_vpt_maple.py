@@ -32,7 +32,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> str:
-    """The tiny model with 4 BERT layers (6 ViT blocks, 100 patches, widths text 32 / vision 64)."""
+    """The tiny model with 4 BERT layers (12 ViT blocks, 100 patches, widths text 32 / vision 64)."""
     folder = tmp_path_factory.mktemp("tiny-bert4")
     recipe = {**TINY_RECIPE, "bert": {**TINY_RECIPE["bert"], "num_hidden_layers": TEXT_LAYERS}}
     write_model_dir(folder, recipe, "dpt-lightning/tiny-biomedbert4")
@@ -236,7 +236,7 @@ def test_train_mode_policy(backbone):
 
 
 @pytest.mark.parametrize("cls,kwargs,message", [
-    (VPT, {"depth": 7}, r"model.depth=7 is out of range .* use 0..6"),
+    (VPT, {"depth": 13}, r"model.depth=13 is out of range .* use 0..12"),
     (VPT, {"depth": -1}, "model.depth=-1"),
     (VPT, {"n_prompts": 0}, "model.n_prompts=0: use at least 1"),
     (VPT, {"mode": "append"}, "model.mode='append' is unknown"),
@@ -253,9 +253,8 @@ def test_invalid_options_are_clear_errors(backbone, cls, kwargs, message):
 
 
 # ------------------------------------------------------------------------ CLI
-#: config -> overrides for the tiny backbone (6 ViT blocks, 2 BERT layers) where the config's depth exceeds it
-CONFIGS = {"vpt": [], "vpt_deep": ["--model.init_args.depth", "6"], "maple": [],
-           "maple_deep": ["--model.init_args.depth", "2"]}
+#: config -> overrides for the tiny backbone (none: it has BiomedCLIP's 12 ViT blocks and 12 BERT layers)
+CONFIGS = {"vpt": [], "vpt_deep": [], "maple": [], "maple_deep": []}
 QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--data.num_workers", "0",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.log_every_n_steps", "1"]
@@ -268,12 +267,13 @@ def _run(command: str, config: str, data: list[str], root: Path, *extra: str):
                       *QUICK, "--trainer.default_root_dir", str(root), *extra])
 
 
-def test_deep_config_on_a_smaller_backbone_names_the_override(tmp_path):
+def test_deep_config_on_a_smaller_backbone_names_the_override(tmp_path, backbone):
     from dpt_lightning.cli import build_cli
 
-    with pytest.raises(ValueError, match=r"model.depth=12 is out of range for backbone 'tiny(-demo)?': use 0..6"):
-        build_cli(["fit", "--config", str(ROOT / "trainers/vpt_deep.yaml"), "--config",
-                   str(ROOT / "datasets/demo.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=rf"model.depth=9 is out of range for backbone '{backbone}': use 0..{TEXT_LAYERS}"):
+        build_cli(["fit", "--config", str(ROOT / "trainers/maple_deep.yaml"), "--config",
+                   str(ROOT / "datasets/demo.yaml"), "--model.init_args.backbone", backbone,
+                   "--trainer.default_root_dir", str(tmp_path)])
 
 
 @pytest.fixture(scope="module")

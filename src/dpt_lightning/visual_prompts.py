@@ -43,7 +43,7 @@ def check_visual_prompts(backbone: BiomedCLIP, depth: int, n_prompts: int, mode:
     if mode not in VISUAL_PROMPT_MODES:
         raise ValueError(f"{owner}: model.{mode_setting}={mode!r} is unknown: use 'insert' (tokens added "
                          "after CLS) or 'replace' (tokens overwrite patch tokens 1..N)")
-    patches = backbone.model.visual.trunk.patch_embed.num_patches
+    patches = backbone.num_patches
     if mode == "replace" and n_prompts >= patches:
         raise ValueError(f"{owner}: model.{count_setting}={n_prompts} would replace all {patches} patch "
                          f"tokens: use fewer tokens or model.{mode_setting}=insert")
@@ -57,8 +57,7 @@ def xavier_bound(fan_in: int, width: int) -> float:
 
 def patch_fan_in(backbone: BiomedCLIP) -> int:
     """Inputs of one patch-embedding output: channels * patch height * patch width."""
-    proj = backbone.model.visual.trunk.patch_embed.proj  # Conv2d(channels, width, patch, stride=patch)
-    return proj.weight[0].numel()
+    return backbone.patch_fan_in
 
 
 class VisualPromptTokens(nn.Module):

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision import transforms as T
 
 from dpt_lightning.backbone.loading import BIOMEDCLIP_HUB_ID, BackboneLoadError, load_open_clip
 from dpt_lightning.backbone.towers import VISUAL_PROMPT_MODES, ImageFacts, TextFacts, VisualPrompts, build_towers
+from dpt_lightning.recipe import reference_transforms
 
 
 class BiomedCLIP(nn.Module):
@@ -107,28 +107,17 @@ class BiomedCLIP(nn.Module):
         }
 
     # ------------------------------------------------------------ transforms
-    def _normalize(self):
-        return T.Normalize(self.image_facts.mean, self.image_facts.std)
-
-    def _interpolation(self):
-        return T.InterpolationMode(self.image_facts.interpolation)
+    def _transforms(self) -> tuple:
+        facts = self.image_facts
+        return reference_transforms(self.image_size, facts.mean, facts.std, facts.interpolation)
 
     def train_transform(self):
-        """RandomResizedCrop (scale 0.08-1) + normalise; no flip (the reference recipe)."""
-        return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(0.08, 1.0), interpolation=self._interpolation()),
-            T.ToTensor(),
-            self._normalize(),
-        ])
+        """RandomResizedCrop (scale 0.08-1) + normalise; no flip (the reference recipe, `recipe.py`)."""
+        return self._transforms()[0]
 
     def test_transform(self):
         """Resize the shorter side + CenterCrop + normalise."""
-        return T.Compose([
-            T.Resize(self.image_size, interpolation=self._interpolation()),
-            T.CenterCrop(self.image_size),
-            T.ToTensor(),
-            self._normalize(),
-        ])
+        return self._transforms()[1]
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str], trim: bool = True) -> Tensor:

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import yaml
 
-PROTOCOLS = ("fewshot", "base2novel")
+from dpt_lightning.recipe import PROTOCOLS
+
 GRID_KEYS = {"name", "protocol", "methods", "datasets", "data_root", "shots", "seeds", "trainer", "model",
              "data", "args", "output", "published"}
 ENTRY_KEYS = {"methods": {"config", "name", "fit", "args"}, "datasets": {"config", "name", "root", "args"}}

@@ -19,7 +19,7 @@ from dpt_lightning.data.dataset import EpochShuffleSampler, ImageListDataset
 from dpt_lightning.data.errors import DataError
 from dpt_lightning.data.splits import (Item, Subsample, base_novel_labels, build_split, read_split_file,
                                        select_few_shot, write_split_file)
-from dpt_lightning.data.transforms import reference_transforms
+from dpt_lightning.recipe import reference_transforms
 
 
 class MedicalDataModule(LightningDataModule):

@@ -28,9 +28,8 @@ import torch
 from timm.models import VisionTransformer, build_model_with_cfg, register_model
 
 from dpt_lightning.files import atomic_directory, cache_root
+from dpt_lightning.recipe import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 
 #: The tiny image tower: ViT-B/16's depth and layout (CLS token, pre-norm blocks, CLS pooling)

@@ -40,14 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpt_lightning.demo.models import (
-    CLIP_MEAN,
-    CLIP_STD,
     TINY_BERT_NAME,
     TINY_RECIPE,
     WEIGHTS_FILE,
     recipe_key,
     write_model_dir,
 )
+from dpt_lightning.recipe import CLIP_MEAN, CLIP_STD
 from dpt_lightning.demo.pictures import DEMO_CAPTIONS, DEMO_CLASSES, draw_demo_image
 from dpt_lightning.files import atomic_directory, atomic_write, cache_root
 

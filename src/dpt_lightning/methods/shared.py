@@ -15,8 +15,8 @@ from torch import Tensor
 
 from dpt_lightning.data.facts import dataset_facts
 from dpt_lightning.descriptions import resolve_sentences
+from dpt_lightning.recipe import PROTOCOLS
 
-PROTOCOLS = ("fewshot", "base2novel")
 #: The synthetic demo has no clinical vocabulary: methods that take a dataset's clinical template
 #: use the generic prompt there.
 DEMO_TEMPLATE = "a photo of a {}."
