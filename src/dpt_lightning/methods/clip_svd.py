@@ -396,8 +396,12 @@ class CLIPSVD(PromptTrainer):
                                       weight_decay=hp.weight_decay)
         period = 1
         if self._trainer is not None:
-            period = self.trainer.max_epochs if hp.schedule == "reference" else self.trainer.estimated_stepping_batches
-        period = max(int(period or 1), 1)
+            epochs = self.trainer.max_epochs
+            period = epochs if hp.schedule == "reference" and epochs and epochs > 0 else \
+                self.trainer.estimated_stepping_batches
+            if not math.isfinite(period):
+                raise ValueError("CLIPSVD's cosine needs the fit's length: set trainer.max_epochs or trainer.max_steps")
+        period = max(int(period), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_lr_factor(step, period, hp.lr, hp.eta_min))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
