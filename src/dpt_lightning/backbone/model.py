@@ -190,10 +190,22 @@ class BiomedCLIP(nn.Module):
         the tokens after CLS before block 0 (the sequence grows by N); ``"replace"`` overwrites
         tokens 1..N. Before later blocks the same positions are overwritten in both modes, so
         ``len(prompts)`` is the prompt depth (1 = shallow). CLS pooling keeps prompts out of the head.
+        Equal to ``project_image(pool_image(images, prompts, mode))``.
         """
+        return self.project_image(self.pool_image(images, prompts, mode))
+
+    def pool_image(self, images: Tensor, prompts: VisualPrompts | None = None, mode: str = "replace") -> Tensor:
+        """The image tower up to its pooled token (B, width), before the projection into the joint
+        space: what feature caches keep, because it does not depend on the other images of the
+        batch (the projection, a matrix product with as many rows as images, may differ in the last
+        bits between batch sizes)."""
         prompts = list(prompts or [])
         if len(prompts) > self.num_vision_blocks:
             raise ValueError(f"at most {self.num_vision_blocks} visual prompt layers, got {len(prompts)}")
         if mode not in VISUAL_PROMPT_MODES:
             raise ValueError(f"visual prompt mode must be 'insert' or 'replace', got {mode!r}")
-        return self.image_tower.encode(images, prompts, mode)
+        return self.image_tower.pool(images, prompts, mode)
+
+    def project_image(self, pooled: Tensor) -> Tensor:
+        """The image tower's projection of pooled tokens (B, width) into the joint space (B, embed_dim)."""
+        return self.image_tower.project(pooled)

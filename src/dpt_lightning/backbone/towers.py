@@ -203,9 +203,10 @@ class TimmImageTower:
             interpolation=str(preprocess_cfg.get("interpolation", "bicubic")),
         )
 
-    def encode(self, images: Tensor, prompts: VisualPrompts, mode: str) -> Tensor:
-        """What open_clip's ``TimmModel.forward`` computes, with prompt ``i`` entering before block
-        ``i`` (inserted after the prefix tokens before block 0 in ``insert`` mode, else overwriting)."""
+    def pool(self, images: Tensor, prompts: VisualPrompts, mode: str) -> Tensor:
+        """The trunk's pooled token (B, width), open_clip's ``TimmModel.forward`` before its head,
+        with prompt ``i`` entering before block ``i`` (inserted after the prefix tokens before
+        block 0 in ``insert`` mode, else overwriting)."""
         if prompts and self.facts.pooling != "cls":
             raise ValueError(f"visual prompts need CLS pooling; this image tower pools {self.facts.pooling!r}")
         if prompts and getattr(self.visual.trunk, "grad_checkpointing", False):
@@ -214,7 +215,11 @@ class TimmImageTower:
         edits = {i: (insert if i == 0 and mode == "insert" else overwrite)(prompt, start)
                  for i, prompt in enumerate(prompts)}
         with prompts_before_blocks(self.blocks, edits):
-            return self.visual(images)
+            return self.visual.trunk(images)
+
+    def project(self, pooled: Tensor) -> Tensor:
+        """``TimmModel``'s head: pooled tokens into the joint embedding space."""
+        return self.visual.head(pooled)
 
 
 IMAGE_TOWERS: tuple[type, ...] = (TimmImageTower,)
