@@ -271,16 +271,22 @@ def test_the_shared_backbone_is_never_modified(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Evaluation caches.
 def test_image_features_are_never_cached_and_class_features_follow_the_singular_values(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("DPT_CACHE_DIR", str(tmp_path))
-    model = build(cache_eval_features=True).eval()
-    assert model.image_path_key() is None and model._eval_feature_cache() is None
+    model, twin = build(cache_eval_features=True).eval(), build().eval()
+    assert model.image_path_key() is None  # the image path learns
+    monkeypatch.setenv("DPT_CACHE_DIR", str(tmp_path))  # where a feature store would write
     x = images(tiny, 2)
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    batch = {"image": x, "path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")], "label": torch.tensor([0, 1])}
     with torch.no_grad():
         before = model(x)
+        assert torch.equal(model.evaluation_logits(batch), before)
+    model.on_test_epoch_end()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # nothing stored
+    with torch.no_grad():
         factors = model.svd.matrices["text_1_v"]
         factors.s.data.mul_(1.3)  # in place through .data: the version counter does not move
         after = model(x)
-    twin = build().eval()
     with torch.no_grad():
         twin.svd.matrices["text_1_v"].s.copy_(factors.s)
         torch.testing.assert_close(after, twin(x), rtol=0, atol=0)
