@@ -319,7 +319,7 @@ def measure_grid(task: dict) -> dict:
     from torch.utils.data import DataLoader
 
     from dpt_lightning.data.dataset import ImageListDataset
-    from dpt_lightning.feature_cache import weights_digest
+    from dpt_lightning.features import weights_digest
 
     _, sync, _ = _setup_worker(task)
     module = build_module({**task, "method": "coop"}, "ours")
@@ -343,7 +343,8 @@ def measure_grid(task: dict) -> dict:
             probs = {}
             for name in (list(paths) if run % 2 == 0 else list(paths)[::-1]):
                 module.hparams.cache_eval_features = paths[name]
-                module._text_cache, module._feature_cache = None, None
+                module.text_cache.clear()
+                module._feature_stores = {}  # a new run: reads the store from disk again
                 module.backbone.__dict__.pop("_dpt_weights_digest", None)
                 out = []
                 wall, cpu = _clock(sync, lambda: out.extend(_trainer(task).predict(module, loader)))

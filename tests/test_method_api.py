@@ -154,20 +154,21 @@ def test_image_path_key_is_derived_safely():
 
 def test_an_input_space_prompt_is_never_served_cached_plain_features(tmp_path, monkeypatch):
     monkeypatch.setenv("DPT_CACHE_DIR", str(tmp_path))
-    batch = {"image": images(2), "path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")]}
+    batch = {"image": images(2), "path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+             "view": ["g:eval", "g:eval"]}
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(b"x")
     plain = build(CoOp, cache_eval_features=True).eval()
     with torch.no_grad():
         plain.evaluation_logits(batch)
-    plain._end_evaluation()
-    assert list((tmp_path / "features").glob("*.pt"))  # the plain features are on disk now
+    plain._flush_features()
+    assert list((tmp_path / "features").glob("*/*.pt"))  # the plain features are on disk now
     pixel = build(PixelShift, cache_eval_features=True).eval()
     with torch.no_grad():
         pixel.offset.fill_(0.3)
         served = pixel.evaluation_logits(batch)
         assert torch.equal(served, pixel(batch["image"]))
-    assert pixel._eval_feature_cache() is None
+    assert pixel.feature_store() is None
 
 
 def test_input_space_hook_gets_gradients_and_changes_the_features():

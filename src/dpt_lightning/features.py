@@ -1,25 +1,46 @@
-"""A disk cache of evaluation image features for methods whose image path learns nothing.
+"""The image-feature store: what the frozen image tower computed, kept on disk and shared by every
+run and process of a machine (a benchmark grid, local workers, a job array).
 
-Zero-shot, CoOp, BiomedCoOp and Biomed-DPT (fixed zero tokens) encode every test image the same
-way in every run of a benchmark grid. The cache keeps those features under a key that covers
-everything they depend on, so a stale feature can never be served:
+A method whose image path is fixed (``PromptTrainer.image_path_key()`` is not None: the plain
+frozen tower, or constant visual tokens) computes the same feature for the same view of the same
+image in every run. The store keeps the tower's pooled token (before the projection, which is the
+one step whose last bits may depend on the batch) under a key that covers everything it depends
+on, so a stale or foreign feature can never be served:
 
-* the backbone: a digest of all its weights (and its architecture facts);
-* the image path: the method's visual prompt setting (``PromptTrainer.image_path_key``);
-* the evaluation transform (its full ``repr``);
-* each file: its resolved path, size and modification time (ns).
+* the backbone: a digest of all its weights; the image path: the method's ``image_path_key``
+  (one folder per pair);
+* the view (built by the dataset, `data.dataset.view_key`): the transform (its full ``repr``),
+  the image folder, and for a training view the data seed, epoch and index that seed its
+  augmentation;
+* the file: its resolved path, size and modification time (ns).
+
+Shards. New features are written, at the end of every epoch, as a new file ``<group>-<id>.pt`` of
+their view group (one transform and seed of one image folder) with `files.atomic_write`: a shard is
+complete or absent, never partial, and never modified. Two processes that compute the same views
+write two shards with the same values, which is harmless. A run loads only the shards of the groups
+it asks for. The store's total size is bounded (``DPT_FEATURE_STORE_GB``, default 20): the oldest
+shards are deleted beyond it, with a warning. ``dpt-bench --clear-cache`` empties it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from dpt_lightning.files import atomic_write
+from dpt_lightning.files import atomic_write, cache_root
+
+DEFAULT_LIMIT_GB = 20.0
+
+
+def store_root() -> Path:
+    """Where every feature store lives: ``$DPT_CACHE_DIR/features``."""
+    return cache_root() / "features"
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -42,44 +63,111 @@ def file_identity(path: str) -> tuple[str, int, int]:
     return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
 
 
-class EvalFeatureCache:
-    """Features of images by file identity, in one file per (backbone, image path, transform)."""
+def limit_bytes() -> int:
+    """The store's size bound: ``DPT_FEATURE_STORE_GB`` (default 20) gigabytes."""
+    value = os.environ.get("DPT_FEATURE_STORE_GB", str(DEFAULT_LIMIT_GB))
+    try:
+        return int(float(value) * 2**30)
+    except ValueError:
+        raise ValueError(f"DPT_FEATURE_STORE_GB={value!r} is not a number of gigabytes") from None
 
-    def __init__(self, folder: str | Path, backbone_digest: str, image_path_key: str, transform_repr: str):
-        key = hashlib.sha256("\n".join([backbone_digest, image_path_key, transform_repr]).encode()).hexdigest()
-        self.file = Path(folder) / f"{key[:32]}.pt"
-        self.entries: dict[str, tuple[int, int, Tensor]] = {}
-        if self.file.is_file():
-            self.entries = torch.load(self.file, weights_only=True)
-        self.dirty = False
 
-    def get(self, path: str) -> Tensor | None:
-        real, size, mtime = file_identity(path)
-        entry = self.entries.get(real)
-        if entry is None or entry[0] != size or entry[1] != mtime:
+class FeatureStore:
+    """The features of one (backbone, image path): a folder of shards (module docstring).
+
+    ``pooled(paths, views, images, pool)`` returns the pooled tokens (B, W) of a batch: stored ones
+    where present, the others from ``pool`` on the missing images only (and kept for ``flush``).
+    """
+
+    def __init__(self, backbone_digest: str, image_path_key: str, root: str | Path | None = None):
+        key = hashlib.sha256(f"{backbone_digest}\n{image_path_key}".encode()).hexdigest()[:32]
+        self.root = Path(root) if root is not None else store_root()
+        self.folder = self.root / key
+        self.entries: dict[tuple, Tensor] = {}
+        self.new: dict[str, dict[tuple, Tensor]] = {}
+        self.groups: set[str] = set()
+        self.hits = self.misses = 0
+
+    # ------------------------------------------------------------------ reading
+    def _load_group(self, group: str) -> None:
+        self.groups.add(group)
+        for shard in sorted(self.folder.glob(f"{group}-*.pt")):
+            try:
+                self.entries.update(torch.load(shard, map_location="cpu", weights_only=True))
+            except Exception:  # noqa: BLE001 - deleted by a size limit meanwhile, or foreign: skip it
+                continue
+
+    def get(self, path: str, view: str) -> Tensor | None:
+        """The stored feature of ``path`` seen as ``view``; None if absent or if the view cannot be
+        reproduced (an empty view: a random transform without a seed)."""
+        if not view:
             return None
-        return entry[2]
+        group = view.split(":", 1)[0]
+        if group not in self.groups:
+            self._load_group(group)
+        return self.entries.get((*file_identity(path), view))
 
-    def put(self, path: str, feature: Tensor) -> None:
-        real, size, mtime = file_identity(path)
-        self.entries[real] = (size, mtime, feature.detach().float().cpu().clone())
-        self.dirty = True
-
-    def features(self, paths: list[str], images: Tensor, encode: Callable[[Tensor], Tensor]) -> Tensor:
-        """Features (B, D) of a batch: cached ones where present, the rest from ``encode`` on the
-        missing images (and stored)."""
-        cached = [self.get(p) for p in paths]
-        missing = [i for i, f in enumerate(cached) if f is None]
+    def pooled(self, paths: list[str], views: list[str], images: Tensor,
+               pool: Callable[[Tensor], Tensor]) -> Tensor:
+        found = [self.get(p, v) for p, v in zip(paths, views)]
+        missing = [i for i, f in enumerate(found) if f is None]
+        self.hits += len(found) - len(missing)
+        self.misses += len(missing)
         if missing:
-            fresh = encode(images[missing])
+            fresh = pool(images[missing] if len(missing) < len(found) else images)
             for i, feature in zip(missing, fresh):
-                self.put(paths[i], feature)
-                cached[i] = feature
-        return torch.stack([f.to(images.device) for f in cached])
+                if views[i]:
+                    self.put(paths[i], views[i], feature)
+                found[i] = feature
+        return torch.stack([f.to(images.device) for f in found])
+
+    # ------------------------------------------------------------------ writing
+    def put(self, path: str, view: str, feature: Tensor) -> None:
+        key = (*file_identity(path), view)
+        value = feature.detach().cpu().clone()
+        self.entries[key] = value
+        self.new.setdefault(view.split(":", 1)[0], {})[key] = value
 
     def flush(self) -> None:
-        """Write the cache atomically (only if something was added)."""
-        if not self.dirty:
+        """Write the new features as one shard per group, atomically; then keep the size bound."""
+        if not self.new:
             return
-        atomic_write(self.file, lambda f: torch.save(self.entries, f))
-        self.dirty = False
+        for group, entries in self.new.items():
+            atomic_write(self.folder / f"{group}-{uuid.uuid4().hex[:12]}.pt", lambda f: torch.save(entries, f))
+        self.new = {}
+        enforce_limit(self.root)
+
+
+def shards(root: Path) -> list[tuple[Path, int]]:
+    """Every shard under ``root`` with its size, oldest first (shards deleted meanwhile are left out)."""
+    found = []
+    for path in root.glob("*/*.pt") if root.is_dir() else []:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        found.append((stat.st_mtime_ns, path, stat.st_size))
+    return [(path, size) for _, path, size in sorted(found)]
+
+
+def store_size(root: Path | None = None) -> tuple[int, int]:
+    """(bytes, shards) of every store under ``root`` (default `store_root`)."""
+    files = shards(root or store_root())
+    return sum(size for _, size in files), len(files)
+
+
+def enforce_limit(root: Path, limit: int | None = None) -> int:
+    """Delete the oldest shards until the stores under ``root`` fit ``limit`` bytes; returns the
+    bytes freed (and warns when it freed any)."""
+    limit = limit_bytes() if limit is None else limit
+    files = shards(root)
+    total, freed = sum(size for _, size in files), 0
+    for path, size in files:
+        if total - freed <= limit:
+            break
+        path.unlink(missing_ok=True)
+        freed += size
+    if freed:
+        rank_zero_warn(f"feature store {root}: removed {freed / 2**20:.1f} MiB of the oldest features to stay within "
+                       f"{limit / 2**30:.1f} GiB (DPT_FEATURE_STORE_GB); they are recomputed when needed")
+    return freed

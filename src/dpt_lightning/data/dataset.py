@@ -6,6 +6,7 @@ an uninterrupted fit, with any number of loader workers.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -48,11 +49,28 @@ class EpochShuffleSampler(Sampler):
         return iter([(i, epoch) for i in torch.randperm(self.size, generator=generator).tolist()])
 
 
+def is_random(transform: Callable) -> bool:
+    """Does ``transform`` (or a step of a ``Compose``) draw random numbers (torchvision's ``Random*``)?"""
+    if type(transform).__name__.startswith("Random"):
+        return True
+    return any(is_random(step) for step in getattr(transform, "transforms", []))
+
+
+def view_group(transform: Callable, image_dir: Path, seed: int | None) -> str:
+    """A short digest of what a view depends on besides its image: the transform (its ``repr``), the
+    image folder and, for seeded augmentation, the seed."""
+    text = f"{transform!r}\n{Path(image_dir).resolve()}\n{seed}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class ImageListDataset(Dataset):
-    """Images of a list of items, returned as dicts with ``image``, ``label`` and ``path``.
+    """Images of a list of items, returned as dicts with ``image``, ``label``, ``path`` and ``view``.
 
     A key ``(index, epoch)`` (from ``EpochShuffleSampler``) draws the random augmentation from a
     generator seeded by (seed, epoch, index), so it is reproducible and independent of workers.
+    ``view`` names exactly what the image tensor is (`view_group`, epoch and index), for feature
+    stores: ``"<group>:eval"`` for a deterministic transform, ``""`` for a random one drawn without
+    a key (not reproducible).
     """
 
     def __init__(self, image_dir: Path, items: list[Item], transform: Callable, seed: int = 0):
@@ -60,6 +78,8 @@ class ImageListDataset(Dataset):
         self.items = items
         self.transform = transform
         self.seed = seed
+        self.train_group = view_group(transform, self.image_dir, seed)
+        self.eval_group = "" if is_random(transform) else view_group(transform, self.image_dir, None)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,8 +91,10 @@ class ImageListDataset(Dataset):
         image = load_rgb(path)
         if epoch is None:
             tensor = self.transform(image)
+            view = f"{self.eval_group}:eval" if self.eval_group else ""
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_mix(self.seed, epoch, index))
                 tensor = self.transform(image)
-        return {"image": tensor, "label": item.label, "path": str(path)}
+            view = f"{self.train_group}:{epoch}:{index}"
+        return {"image": tensor, "label": item.label, "path": str(path), "view": view}

@@ -2,8 +2,8 @@
 from dpt_lightning.methods.base import PromptTrainer
 from dpt_lightning.methods.biomed_coop import BiomedCoOp
 from dpt_lightning.methods.biomed_dpt import BiomedDPT
-from dpt_lightning.methods.clip_adapter import CLIPAdapter
 from dpt_lightning.methods.checkpoints import CheckpointMismatchError
+from dpt_lightning.methods.clip_adapter import CLIPAdapter
 from dpt_lightning.methods.clip_svd import CLIPSVD
 from dpt_lightning.methods.cocoop import CoCoOp
 from dpt_lightning.methods.coop import CoOp
@@ -16,7 +16,6 @@ from dpt_lightning.methods.tip_adapter import TipAdapter, TipAdapterF
 from dpt_lightning.methods.vpt import VPT
 from dpt_lightning.methods.zeroshot import ZeroShot
 
-__all__ = ["BiomedCoOp", "BiomedDPT", "CheckpointMismatchError", "CoOp", "MaPLe", "PromptTrainer", "VPT", "ZeroShot"]
-__all__ += ["CoCoOp", "KgCoOp", "ProGrad"]
-__all__ += ["CLIPAdapter", "LinearProbe", "LPPlusPlus", "TipAdapter", "TipAdapterF"]
-__all__ += ["CLIPSVD"]
+__all__ = ["BiomedCoOp", "BiomedDPT", "CheckpointMismatchError", "CLIPAdapter", "CLIPSVD", "CoCoOp", "CoOp", "KgCoOp",
+           "LinearProbe", "LPPlusPlus", "MaPLe", "ProGrad", "PromptTrainer", "TipAdapter", "TipAdapterF", "VPT",
+           "ZeroShot"]

@@ -68,9 +68,11 @@ class PromptTrainer(LightningModule):
         reference_compute: compute as the reference code does (prompts padded to the full
             context, class text features recomputed for every evaluation batch). Same results,
             slower; for speed comparisons only.
-        cache_eval_features: keep evaluation image features on disk (``$DPT_CACHE_DIR/features``)
-            for methods whose image path learns nothing (``image_path_key`` not None), so that the
-            runs of a benchmark grid encode each test image once (single process only).
+        cache_eval_features, cache_train_features: serve the image features of evaluation views,
+            and of augmented training views, from the feature store (``$DPT_CACHE_DIR/features``,
+            `dpt_lightning.features`) for methods whose image path is fixed (``image_path_key``
+            not None), so that the runs of a benchmark grid encode each view once. Results are
+            the same bit for bit; ``dpt-bench`` turns both on.
     """
 
     #: Does the method train anything? (False: validate, test and predict only; a benchmark grid
@@ -102,6 +104,7 @@ class PromptTrainer(LightningModule):
         backbone_dropout: bool | None = None,
         reference_compute: bool = False,
         cache_eval_features: bool = False,
+        cache_train_features: bool = False,
     ):
         super().__init__()
         if not classnames:
@@ -117,7 +120,7 @@ class PromptTrainer(LightningModule):
         self.reference_compute = reference_compute
         self.strict_loading = False  # the frozen backbone is not in our checkpoints
         self.text_cache = TextFeatureCache()
-        self._feature_cache = None
+        self._feature_stores: dict = {}
         self.configure_prompts()
         metrics = make_metrics(len(self.classnames))
         self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(max(len(self.classnames), 2),
@@ -225,33 +228,49 @@ class PromptTrainer(LightningModule):
         return self.logits(image_features, self.text_features(image_features))
 
     def evaluation_logits(self, batch: dict) -> Tensor:
-        """Logits of an evaluation batch, with image features from the disk cache where allowed."""
-        cache = self._eval_feature_cache()
-        if cache is None:
-            return self(batch["image"])
-        features = cache.features(batch["path"], batch["image"], self.encode_images).to(self.device)
+        """Logits of an evaluation batch (image features from the store where allowed)."""
+        features = self.image_features(batch)
         return self.logits(features, self.text_features(features))
 
-    def _eval_feature_cache(self):
-        if not self.hparams.cache_eval_features or self.training or self.image_path_key() is None:
+    def image_features(self, batch: dict) -> Tensor:
+        """``encode_images`` of a batch; served from the feature store (same values) when it is on
+        for this stage and the method's image path is fixed (`feature_store`)."""
+        store = self.feature_store()
+        if store is None or "view" not in batch:
+            return self.encode_images(batch["image"])
+        pooled = store.pooled(batch["path"], batch["view"], batch["image"], self.pool_images)
+        return F.normalize(self.backbone.project_image(pooled).float(), dim=-1)
+
+    def pool_images(self, images: Tensor) -> Tensor:
+        """The image path of `encode_images` up to the pooled token, before the projection."""
+        return self.backbone.pool_image(self.transform_images(images), self.visual_prompts(), mode=self.visual_mode)
+
+    def feature_store(self):
+        """The feature store for the current stage, or None: off for this stage, an image path that
+        learns (``image_path_key`` None), an ``encode_images`` of the method's own (it cannot be
+        split at the pooled token), or a stochastic image tower in training (dropout)."""
+        wanted = self.hparams.cache_train_features if self.training else self.hparams.cache_eval_features
+        key = self.image_path_key() if wanted else None
+        if key is None or type(self).encode_images is not PromptTrainer.encode_images:
             return None
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self.training and any(getattr(m, "p", 0) or getattr(m, "drop_prob", 0)
+                                 for m in self.backbone.model.visual.modules() if m.training):
             return None
-        if self._feature_cache is None:
-            from dpt_lightning.feature_cache import EvalFeatureCache, weights_digest
-            from dpt_lightning.files import cache_root
+        # the numbers also depend on where and in which precision the tower runs
+        device = self.device.type
+        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else "no-autocast"
+        key = f"{key}|{device}|{self.backbone.model.logit_scale.dtype}|{precision}"
+        if key not in self._feature_stores:
+            from dpt_lightning.features import FeatureStore, weights_digest
 
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            transform = getattr(datamodule, "test_transform", None) or self.backbone.test_transform()
-            self._feature_cache = EvalFeatureCache(cache_root() / "features", weights_digest(self.backbone),
-                                                   self.image_path_key(), repr(transform))
-        return self._feature_cache
+            self._feature_stores[key] = FeatureStore(weights_digest(self.backbone), key)
+        return self._feature_stores[key]
 
-    def _end_evaluation(self) -> None:
-        if self._feature_cache is not None:
-            self._feature_cache.flush()
+    def _flush_features(self) -> None:
+        for store in self._feature_stores.values():
+            store.flush()
 
-    on_validation_epoch_end = on_test_epoch_end = on_predict_epoch_end = _end_evaluation
+    on_train_epoch_end = on_validation_epoch_end = on_test_epoch_end = on_predict_epoch_end = _flush_features
 
     # ------------------------------------------------------------ lightning
     def setup(self, stage: str) -> None:
@@ -273,8 +292,8 @@ class PromptTrainer(LightningModule):
         torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.global_step)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images, labels = batch["image"], batch["label"]
-        image_features = self.encode_images(images)
+        labels = batch["label"]
+        image_features = self.image_features(batch)
         text_features = self.text_features(image_features)
         logits = self.logits(image_features, text_features)
         losses = self.compute_loss(logits, labels, image_features, text_features)

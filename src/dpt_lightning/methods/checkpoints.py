@@ -47,7 +47,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def checkpoint_identity(model) -> dict:
     """What a checkpoint records to refuse loading into a different model."""
-    from dpt_lightning.feature_cache import weights_digest
+    from dpt_lightning.features import weights_digest
 
     cls = type(model)
     backbone = {**model.backbone.fingerprint(), "weights_digest": weights_digest(model.backbone)}

@@ -68,13 +68,13 @@ class FeatureSet:
         return FeatureSet(self.features[order], self.labels[order], self.indices[order])
 
 
-def encode_batches(batches, encode: Callable[[Tensor], Tensor], device: torch.device) -> FeatureSet:
-    """Features of every batch (dicts with ``image`` and ``label``) from ``encode``, no gradients;
-    items are numbered in the order they come."""
+def encode_batches(batches, encode: Callable[[dict], Tensor], device: torch.device) -> FeatureSet:
+    """Features of every batch (dicts with ``image``, ``label`` and the dataset's ``path`` and
+    ``view``) from ``encode``, no gradients; items are numbered in the order they come."""
     features, labels = [], []
     with torch.no_grad():
         for batch in batches:
-            features.append(encode(batch["image"].to(device)).float())
+            features.append(encode({**batch, "image": batch["image"].to(device)}).float())
             labels.append(torch.as_tensor(batch["label"]).to(device))
     if not features:
         raise ValueError("no images to encode")
@@ -92,7 +92,7 @@ class TrainingViews:
     counts the images encoded so far.
     """
 
-    def __init__(self, loader: DataLoader, encode: Callable[[Tensor], Tensor], device: torch.device,
+    def __init__(self, loader: DataLoader, encode: Callable[[dict], Tensor], device: torch.device,
                  distinct: int | None = None):
         self.dataset, self.sampler = loader.dataset, loader.sampler
         self.batch_size, self.num_workers = loader.batch_size or 1, loader.num_workers
@@ -221,10 +221,11 @@ class FrozenFeatureTrainer(PromptTrainer):
         if datamodule is not None and hasattr(datamodule, "use_transforms"):
             datamodule.use_transforms(self.train_view_transform(), self.backbone.test_transform())
 
-    def encode_frozen(self, images: Tensor) -> Tensor:
-        """Image features of the frozen tower (normalised), without gradients."""
+    def encode_frozen(self, batch: dict) -> Tensor:
+        """Image features of a batch through the frozen tower (normalised), without gradients;
+        from the feature store when it is on (`PromptTrainer.image_features`)."""
         with torch.no_grad():
-            return self.encode_images(images)
+            return self.image_features(batch)
 
     # ------------------------------------------------------------- the fit
     def prepare_fit(self, views: TrainingViews, val: FeatureSet | None):
