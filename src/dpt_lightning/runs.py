@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 #: Settings left out of the comparison (``section.init_args.name``): they cannot change a result.
-IGNORED = {"model": {"backbone", "cache_eval_features", "classnames", "dataset", "protocol", "reference_compute"},
+IGNORED = {"model": {"backbone", "cache_eval_features", "cache_train_features", "classnames", "dataset", "protocol", "reference_compute"},
            "data": {"num_workers", "test_batch_size", "check_images"}}
 COMPARED = ("model", "data", "seed_everything")
 

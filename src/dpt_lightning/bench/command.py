@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--overwrite", action="store_true",
                       help="replace an existing summary.md and plots (default: write new dated files beside them)")
     what.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    what.add_argument("--clear-cache", action="store_true",
+                      help="empty the image-feature store ($DPT_CACHE_DIR/features) that the runs share, and exit")
     local = parser.add_argument_group("this machine")
     local.add_argument("--workers", type=int, default=1, metavar="N",
                        help="run N cells at once, each in its own process with its own GPU (round-robin over the "
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.clear_cache:
+        return _clear_cache()
     try:
         if args.collect:
             return _collect(Path(args.collect).expanduser(), args.overwrite)
@@ -88,6 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as err:
         print(f"dpt-bench: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _clear_cache() -> int:
+    import shutil
+
+    from dpt_lightning.features import store_root, store_size
+
+    root = store_root()
+    size, shards = store_size(root)
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"dpt-bench: removed the feature store {root} ({size / 2**20:.1f} MiB in {shards} shard(s))")
+    return 0
+
+
+def _report_store() -> None:
+    from dpt_lightning.features import limit_bytes, store_root, store_size
+
+    size, shards = store_size()
+    if shards:
+        print(f"dpt-bench: feature store {store_root()}: {size / 2**20:.1f} MiB in {shards} shard(s), bounded at "
+              f"{limit_bytes() / 2**30:.1f} GiB (DPT_FEATURE_STORE_GB); empty it with dpt-bench --clear-cache")
 
 
 def _collect(folder: Path, overwrite: bool) -> int:
@@ -151,6 +176,7 @@ def _run(args, folder: Path, grid: Grid) -> int:
               f"{counts['failed']} failed", flush=True)
         for path in collect(folder, overwrite=args.overwrite):
             print(f"dpt-bench: wrote {path}")
+        _report_store()
         print(f"dpt-bench: results in {folder / RESULTS}; resume with: dpt-bench --resume {folder}")
         return EXIT_FAILED if counts["failed"] else 0
     finally:

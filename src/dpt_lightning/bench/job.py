@@ -124,14 +124,25 @@ class GridInterrupted(KeyboardInterrupt):
         self.code = code
 
 
+#: Every cell serves the image features of fixed image paths from the feature store
+#: (`dpt_lightning.features`: bit-identical results, each view through the tower once per grid),
+#: unless the grid's or the entry's own args set these flags.
+FEATURE_STORE_FLAGS = ("cache_eval_features", "cache_train_features")
+
+
+def with_feature_store(args: list[str]) -> list[str]:
+    given = " ".join(args)
+    return [*args, *(f"--model.init_args.{flag}=true" for flag in FEATURE_STORE_FLAGS if flag not in given)]
+
+
 def build(args: list[str]):
     """The ``dpt`` command for ``args`` (config files and settings, no subcommand), parsed and
-    instantiated but not run: ``cli.model``, ``cli.datamodule``, ``cli.trainer``. An argument
-    error raises `RunFailed` with the parser's message."""
+    instantiated but not run: ``cli.model``, ``cli.datamodule``, ``cli.trainer``; the feature
+    store on (`with_feature_store`). An argument error raises `RunFailed` with the parser's message."""
     from dpt_lightning import cli
 
     try:
-        return cli.build_cli(args, run=False, parser_kwargs={"exit_on_error": False})
+        return cli.build_cli(with_feature_store(args), run=False, parser_kwargs={"exit_on_error": False})
     except argparse.ArgumentError as err:
         message = " ".join(str(err).split())
         raise RunFailed(f"the dpt command exited with an argument error: {message}") from None
