@@ -171,7 +171,7 @@ def test_download_biomedclip_writes_an_offline_folder(tmp_path, monkeypatch):
 
     source = tiny_model_dir()
 
-    def fake_snapshot(repo_id, local_dir):
+    def fake_snapshot(repo_id, local_dir, ignore_patterns=()):
         for f in source.iterdir():
             if f.name != "config.json":  # the hub repo of BiomedCLIP has no BERT config
                 shutil.copy(f, local_dir)
@@ -181,6 +181,7 @@ def test_download_biomedclip_writes_an_offline_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: [f.name for f in source.iterdir()])
     folder = download_biomedclip(tmp_path / "biomedclip")
     loaded = BiomedCLIP(f"local-dir:{folder}")
     ids = loaded.tokenize(TEXTS)

@@ -56,7 +56,8 @@ def check_text_lengths(backbone: BiomedCLIP, groups: list[list[str]], classnames
 
 
 class ContextPrompt(nn.Module):
-    """Class prompts ``[CLS] ctx_1..ctx_N <class> <rest of template> [SEP]`` in embedding space.
+    """Class prompts ``[CLS] ctx_1..ctx_N <class> <rest of template> [SEP]`` in embedding space
+    (``<start> .. <end-of-text>`` for a CLIP text tower: the context always follows the start token).
 
     Args:
         backbone: the frozen backbone (tokenizer and word embeddings).
@@ -67,7 +68,9 @@ class ContextPrompt(nn.Module):
         random_init: initialise N(0, ``init_std``) and use placeholder words instead of the prefix.
         class_specific: one context per class (CoOp's CSC) instead of one shared context.
         position: where the class name goes relative to the context (CoOp): end, middle, front.
-        trim: cut padding beyond the longest prompt (exact); False pads to the full context.
+        trim: cut padding beyond the longest prompt (exact for BERT, whose attention mask hides
+            padding, and for CLIP, whose causal mask keeps padding after the pooled end-of-text
+            token from reaching it); False pads to the full context.
     """
 
     def __init__(
@@ -116,7 +119,7 @@ class ContextPrompt(nn.Module):
                 ctx = ctx.expand(len(classnames), -1, -1).clone()
         self.ctx = nn.Parameter(ctx)
         self.register_buffer("ids", ids, persistent=False)
-        self.register_buffer("attention_mask", ids != backbone.pad_id, persistent=False)
+        self.register_buffer("attention_mask", backbone.attention_mask(ids), persistent=False)
         self.register_buffer("embeddings", embeddings, persistent=False)
         name_lengths = [len(backbone.word_pieces(name)) for name in classnames]
         self.register_buffer("order", self._positions(ids.shape[1], name_lengths), persistent=False)

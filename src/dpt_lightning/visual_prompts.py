@@ -1,4 +1,5 @@
 """Visual prompt tokens for the ViT image tower, shared by every method that prompts the image path.
+(A ResNet image tower has no tokens: ``check_visual_prompts`` refuses prompts for it, naming the setting.)
 
 The backbone's ``encode_image(images, prompts, mode)`` does the placing (insert after CLS or replace
 patch tokens 1..N before block 0, overwrite the same positions before each later prompted block).
@@ -34,6 +35,12 @@ def check_visual_prompts(backbone: BiomedCLIP, depth: int, n_prompts: int, mode:
     ``depth`` may be 0 (no visual prompts: the frozen image tower) up to ``max_depth`` (default:
     the number of vision blocks). In replace mode the tokens must leave at least one patch.
     """
+    if isinstance(depth, int) and depth > 0 and not backbone.image_facts.prompt_tokens:
+        off = " or model.vision_prompt=off" if mode_setting == "vision_prompt" else ""
+        raise ValueError(f"{owner}: model.{depth_setting}={depth} (model.{mode_setting}={mode!r}) puts visual prompt "
+                         f"tokens into the image tower, but backbone {backbone.name!r} has a "
+                         f"{backbone.image_tower.family} image tower (a ResNet), which has no tokens to prompt: use a "
+                         f"ViT backbone, or no visual prompts (model.{depth_setting}=0{off})")
     limit = backbone.num_vision_blocks if max_depth is None else max_depth
     if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= limit:
         raise ValueError(f"{owner}: model.{depth_setting}={depth!r} is out of range for backbone "

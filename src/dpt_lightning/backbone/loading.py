@@ -1,23 +1,34 @@
-"""Loading a backbone by name: hub ids, local folders, the generated models; offline checks.
+"""Loading a backbone by name: hub ids, open_clip's pretrained tags, local folders, converted
+Hugging Face CLIP models, the generated models; offline checks and offline folders.
 
-Backbone names:
+Backbone names (README "Backbones"):
 
-* ``hf-hub:<repo>`` (default `BIOMEDCLIP_HUB_ID`): from the Hugging Face cache or the hub. An
-  uncached model fails at once, pointing at ``local-dir:``, when ``HF_HUB_OFFLINE`` is set or the
-  hub cannot be reached (instead of half a minute of retries inside huggingface_hub).
-* ``local-dir:<folder>`` (or a plain folder path): a folder in the hub layout
-  (``open_clip_config.json``, weights, tokenizer files), e.g. written by `download_biomedclip`.
-  When it also holds the text tower's ``config.json`` the text tower is built from it, so nothing
+* ``hf-hub:<repo>`` (default `BIOMEDCLIP_HUB_ID`): an open_clip model on the Hugging Face hub
+  (BiomedCLIP, QuiltNet, OpenAI CLIP as ``hf-hub:timm/vit_base_patch16_clip_224.openai``), from the
+  Hugging Face cache or the hub. An uncached model fails at once, pointing at ``local-dir:``, when
+  ``HF_HUB_OFFLINE`` is set or the hub cannot be reached (instead of half a minute of retries).
+* ``openclip:<architecture>/<tag>``: one of open_clip's built-in architectures with one of its
+  pretrained tags, e.g. ``openclip:ViT-B-16/openai`` (OpenAI CLIP ViT-B/16, the BiomedCoOp tables'
+  "CLIP"); the tag's QuickGELU setting is applied. Same offline check as the hub.
+* ``hf-clip:<repo or folder>``: a Hugging Face ``transformers`` ``CLIPModel`` (PubMedCLIP:
+  `PUBMEDCLIP_ID`), converted once into an open_clip folder in the cache (`convert.convert_hf_clip`).
+* ``local-dir:<folder>`` (or a plain folder path): a folder in open_clip's hub layout
+  (``open_clip_config.json``, weights, tokenizer files), e.g. written by `download_backbone`.
+  When it also holds a BERT text tower's ``config.json`` the text tower is built from it, so nothing
   is fetched (open_clip would otherwise ask the hub for the BERT config named in the folder's config).
-* ``tiny``, ``tiny-demo``, ``random-biomedclip``: generated once into the cache folder by
-  `dpt_lightning.demo` and then loaded as ``local-dir:`` folders through the same code.
+* ``tiny``, ``tiny-demo``, ``tiny-clip``, ``tiny-clip-demo``, ``random-biomedclip``: generated once
+  into the cache folder by `dpt_lightning.demo` and then loaded as ``local-dir:`` folders through
+  the same code.
 
-Everything is loaded through open_clip's public loader; nothing here knows the tower code.
+`download_backbone(name, folder)` writes, on a machine with internet, the ``local-dir:`` folder of
+any of these names for a machine without. Everything is loaded through open_clip's public loader;
+nothing here knows the tower code.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,13 +37,24 @@ from dpt_lightning.files import atomic_write
 
 BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BIOMEDBERT_HUB_ID = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+#: OpenAI CLIP ViT-B/16 (the "CLIP" of the BiomedCoOp tables), by open_clip's pretrained tag.
+OPENAI_CLIP_ID = "openclip:ViT-B-16/openai"
+#: PubMedCLIP (CLIP ViT-B/32 fine-tuned on ROCO), a Hugging Face CLIPModel, converted on first use.
+PUBMEDCLIP_ID = "hf-clip:flaviagiammarino/pubmed-clip-vit-base-patch32"
+#: QuiltNet (CLIP ViT-B/32 fine-tuned on histopathology), an open_clip hub model.
+QUILTNET_ID = "hf-hub:wisdomik/QuiltNet-B-32"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # the files open_clip looks for in a local folder
+#: open_clip's weight files in a hub repository, in the order its local-dir loader prefers them.
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 #: Names of the models that `dpt_lightning.demo` generates locally.
-GENERATED_NAMES = ("tiny", "tiny-demo", "random-biomedclip")
+GENERATED_NAMES = ("tiny", "tiny-demo", "tiny-clip", "tiny-clip-demo", "random-biomedclip")
+SCHEMES = ("hf-hub:", "local-dir:", "openclip:", "hf-clip:")
 
-OFFLINE_HINT = (" Without network access, download the model once elsewhere (`download_biomedclip(folder)`) and "
-                "load it with 'local-dir:/path' (README 'Offline use'), or set HF_HUB_CACHE to a prepared cache.")
+OFFLINE_HINT = (" Without network access, write the model's folder once elsewhere (`download_backbone(name, "
+                "folder)`, or `python -m dpt_lightning.backbone download NAME FOLDER`) and load it with "
+                "'local-dir:/path' (README 'Offline use'), or set HF_HUB_CACHE to a prepared cache.")
 
 
 class BackboneLoadError(RuntimeError):
@@ -40,35 +62,40 @@ class BackboneLoadError(RuntimeError):
 
 
 def generated_model_dir(name: str) -> Path:
-    """The folder of a generated model (``tiny``, ``tiny-demo``, ``random-biomedclip``), built on
-    first use by `dpt_lightning.demo` (imported only here, and only for these names)."""
-    if name == "tiny":
-        from dpt_lightning.demo.models import tiny_model_dir
+    """The folder of a generated model (`GENERATED_NAMES`), built on first use by
+    `dpt_lightning.demo` (imported only here, and only for these names)."""
+    if name in ("tiny", "tiny-clip", "random-biomedclip"):
+        from dpt_lightning.demo import models
 
-        return tiny_model_dir()
-    if name == "tiny-demo":
-        from dpt_lightning.demo.pretrain import tiny_demo_dir
+        return {"tiny": models.tiny_model_dir, "tiny-clip": models.tiny_clip_dir,
+                "random-biomedclip": models.random_biomedclip_dir}[name]()
+    if name in ("tiny-demo", "tiny-clip-demo"):
+        from dpt_lightning.demo import pretrain
 
-        return tiny_demo_dir()
-    if name == "random-biomedclip":
-        from dpt_lightning.demo.models import random_biomedclip_dir
-
-        return random_biomedclip_dir()
+        return pretrain.tiny_demo_dir() if name == "tiny-demo" else pretrain.tiny_clip_demo_dir()
     raise ValueError(f"{name!r} is not a generated model: one of {', '.join(GENERATED_NAMES)}")
 
 
 def resolve_backbone_name(name: str) -> str:
-    """Turn a user-facing backbone string into an open_clip model name (``hf-hub:`` or
-    ``local-dir:``); generated models are built on first use."""
+    """Turn a user-facing backbone string into an open_clip model name (``hf-hub:``,
+    ``openclip:`` or ``local-dir:``); generated and converted models are built on first use."""
     if name in GENERATED_NAMES:
         return f"local-dir:{generated_model_dir(name)}"
-    if name.startswith(("hf-hub:", "local-dir:")):
+    if name.startswith("hf-clip:"):
+        from dpt_lightning.backbone.convert import ConversionError, converted_dir
+
+        try:
+            return f"local-dir:{converted_dir(name[len('hf-clip:'):])}"
+        except ConversionError as err:
+            raise BackboneLoadError(f"backbone {name!r}: {err}") from err
+    if name.startswith(("hf-hub:", "local-dir:", "openclip:")):
         return name
     if os.path.isdir(name):
         return f"local-dir:{name}"
     raise BackboneLoadError(
-        f"backbone {name!r} is not understood: use 'hf-hub:<repo>', 'local-dir:<folder>', 'tiny', "
-        f"'tiny-demo' or 'random-biomedclip' (default {BIOMEDCLIP_HUB_ID})"
+        f"backbone {name!r} is not understood: use 'hf-hub:<repo>', 'openclip:<architecture>/<tag>' (e.g. "
+        f"{OPENAI_CLIP_ID}), 'hf-clip:<repo or folder>' (e.g. {PUBMEDCLIP_ID}), 'local-dir:<folder>' or one of "
+        f"{', '.join(GENERATED_NAMES)} (default {BIOMEDCLIP_HUB_ID}; README 'Backbones')"
     )
 
 
@@ -78,14 +105,14 @@ def local_folder_kwargs(folder: Path) -> dict:
     without network access. Raises `BackboneLoadError` naming the folder and what is missing."""
     if not folder.exists():
         raise BackboneLoadError(f"local-dir backbone folder {folder} does not exist: check the path (README "
-                                "'Offline use' shows how to prepare a folder with download_biomedclip)")
+                                "'Offline use' shows how to prepare a folder with download_backbone)")
     if not folder.is_dir():
         raise BackboneLoadError(f"local-dir backbone {folder} is a file, not a folder: give the folder that "
                                 f"holds {CONFIG_FILE}, the weights and the tokenizer files")
     config_file = folder / CONFIG_FILE
     if not config_file.is_file():
         raise BackboneLoadError(f"local-dir backbone folder {folder} has no {CONFIG_FILE}; see README 'Offline "
-                                "use' for the files a local BiomedCLIP folder needs")
+                                "use' for the files a local backbone folder needs (download_backbone writes them)")
     try:
         model_cfg = json.loads(config_file.read_text())["model_cfg"]
     except (ValueError, KeyError, TypeError) as err:
@@ -112,7 +139,7 @@ def local_folder_hint(folder: Path) -> str:
     if "hf_model_name" in text_cfg and not (folder / "config.json").is_file():
         return (f" The folder has no config.json for its text tower {text_cfg['hf_model_name']!r}, so open_clip "
                 "asked the Hugging Face hub for it: copy that model's config.json into the folder "
-                "(download_biomedclip does; README 'Offline use').")
+                "(download_backbone does; README 'Offline use').")
     return ""
 
 
@@ -150,16 +177,60 @@ def hub_is_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def check_hub_access(name: str) -> None:
-    """Fail at once, with the ``local-dir:`` alternative, for an uncached ``hf-hub:`` model when the
-    hub cannot be reached (instead of minutes of retries inside huggingface_hub)."""
-    repo = name[len("hf-hub:"):]
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
-    if hub_is_cached(repo):
+def require_download(name: str, cached: bool, where: str = "the Hugging Face cache") -> None:
+    """Fail at once, with the ``local-dir:`` alternative, for a model that is not ``cached`` when
+    the hub cannot be reached (instead of minutes of retries inside huggingface_hub)."""
+    if cached:
         return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
     if offline or not hub_is_reachable():
         reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-        raise BackboneLoadError(f"backbone {name!r} is not in the Hugging Face cache and {reason}.{OFFLINE_HINT}")
+        raise BackboneLoadError(f"backbone {name!r} is not in {where} and {reason}.{OFFLINE_HINT}")
+
+
+def check_hub_access(name: str) -> None:
+    """`require_download` for an ``hf-hub:`` model."""
+    require_download(name, hub_is_cached(name[len("hf-hub:"):]))
+
+
+# ----------------------------------------------------------------------- open_clip's own tags
+def parse_openclip_name(name: str) -> tuple[str, str]:
+    """``openclip:<architecture>/<tag>`` -> (architecture, tag)."""
+    architecture, _, tag = name[len("openclip:"):].rpartition("/")
+    if not architecture or not tag:
+        raise BackboneLoadError(f"backbone {name!r}: write 'openclip:<architecture>/<pretrained tag>', e.g. "
+                                f"{OPENAI_CLIP_ID} (open_clip.list_pretrained() lists them)")
+    return architecture, tag
+
+
+def openclip_pretrained_cfg(name: str) -> tuple[str, str, dict]:
+    """(architecture, tag, open_clip's pretrained config of the tag); a `BackboneLoadError` naming
+    the known architectures or tags when open_clip has no such weights."""
+    import open_clip
+
+    architecture, tag = parse_openclip_name(name)
+    if open_clip.get_model_config(architecture) is None:
+        raise BackboneLoadError(f"backbone {name!r}: open_clip {open_clip.__version__} has no architecture "
+                                f"{architecture!r} (open_clip.list_models() lists them, e.g. ViT-B-16, ViT-B-32, RN50)")
+    cfg = open_clip.get_pretrained_cfg(architecture, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(architecture)
+        raise BackboneLoadError(f"backbone {name!r}: open_clip has no pretrained weights {tag!r} for {architecture}; "
+                                f"its tags: {', '.join(tags) or 'none'}")
+    return architecture, tag, cfg
+
+
+def openclip_is_cached(cfg: dict) -> bool:
+    """Whether the weights of an open_clip pretrained config are already on this machine."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)  # 'org/repo/' (the default file) or 'org/repo/file', as open_clip
+        candidates = [filename, *OPEN_CLIP_WEIGHTS] if filename else OPEN_CLIP_WEIGHTS
+        return any(isinstance(try_to_load_from_cache(repo, f), str) for f in candidates)
+    url = cfg.get("url", "")
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(url).path)).is_file()
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -168,34 +239,111 @@ def load_open_clip(name: str):
     import open_clip
 
     model_name = resolve_backbone_name(name)
-    kwargs = {}
+    kwargs, folder = {}, None
     if model_name.startswith("local-dir:"):
         folder = Path(model_name[len("local-dir:"):]).expanduser()
         kwargs = local_folder_kwargs(folder)
         model_name = f"local-dir:{folder}"
+    elif model_name.startswith("openclip:"):
+        architecture, tag, cfg = openclip_pretrained_cfg(model_name)
+        require_download(model_name, openclip_is_cached(cfg), "the Hugging Face or open_clip cache")
+        # the tag's activation (OpenAI's weights need QuickGELU; the plain architecture has GELU)
+        kwargs = {"pretrained": tag, "force_quick_gelu": bool(cfg.get("quick_gelu", False))}
+        model_name = architecture
     else:
         check_hub_access(model_name)
     try:
         model, _ = open_clip.create_model_from_pretrained(model_name, **kwargs)
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as err:  # network, missing or broken files: explain what to do
-        hint = OFFLINE_HINT if model_name.startswith("hf-hub:") else local_folder_hint(folder)
+        hint = local_folder_hint(folder) if folder is not None else OFFLINE_HINT
         raise BackboneLoadError(f"could not load backbone {name!r}: {err}.{hint}") from err
     return model, tokenizer, model.visual.preprocess_cfg
 
 
-def download_biomedclip(folder: str | Path, repo: str = BIOMEDCLIP_HUB_ID, text_repo: str = BIOMEDBERT_HUB_ID) -> Path:
-    """On a machine WITH internet: write everything ``local-dir:<folder>`` needs to load offline.
+# ------------------------------------------------------------------------------ offline folders
+def skipped_hub_files(files: list[str]) -> list[str]:
+    """Of a hub repository's files, those an open_clip folder does not need: every weight file but
+    the one open_clip's loader would pick (timm repositories also hold timm's own ``model.safetensors``;
+    some hold the same weights twice)."""
+    weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES) or f.endswith((".msgpack", ".h5", ".onnx", ".ckpt"))]
+    keep = next((w for w in OPEN_CLIP_WEIGHTS if w in files), None)
+    return [f for f in weights if f != keep]
 
-    The folder receives the BiomedCLIP hub files (``open_clip_config.json``, weights, tokenizer
-    files) and the BiomedBERT ``config.json`` that open_clip's text tower would otherwise fetch.
-    Copy the folder to the offline machine and use ``--model.backbone local-dir:<folder>``.
-    """
+
+def add_text_tower_files(folder: Path, text_repo: str | None = None) -> None:
+    """Give a folder whose config names a Hugging Face text tower (BiomedCLIP's BERT) that model's
+    ``config.json``, and its tokenizer files when the folder has none, so that it loads offline."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
+    text_cfg = json.loads((folder / CONFIG_FILE).read_text())["model_cfg"].get("text_cfg", {})
+    if "hf_model_name" in text_cfg and not (folder / "config.json").is_file():
+        config = Path(hf_hub_download(text_repo or text_cfg["hf_model_name"], "config.json"))
+        atomic_write(folder / "config.json", config.read_bytes())
+    tokenizer = text_cfg.get("hf_tokenizer_name")
+    if tokenizer and not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        snapshot_download(tokenizer, local_dir=folder, allow_patterns=[
+            "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model"])
+
+
+def download_openclip(name: str, folder: Path) -> None:
+    """Write an ``openclip:<architecture>/<tag>`` model as a ``local-dir:`` folder: the
+    architecture's config (with the tag's QuickGELU), the tag's preprocessing and its weights."""
+    import open_clip
+
+    architecture, _, cfg = openclip_pretrained_cfg(name)
+    model_cfg = open_clip.get_model_config(architecture)
+    if cfg.get("quick_gelu"):
+        model_cfg["quick_gelu"] = True
+    weights = Path(open_clip.download_pretrained(cfg))
+    target = OPEN_CLIP_WEIGHTS[0] if weights.suffix == ".safetensors" else "open_clip_pytorch_model.bin"
+    with weights.open("rb") as source:
+        atomic_write(folder / target, lambda f: shutil.copyfileobj(source, f))
+    preprocess = {key: cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
+    atomic_write(folder / CONFIG_FILE, json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
+    add_text_tower_files(folder)
+
+
+def download_backbone(name: str, folder: str | Path, text_repo: str | None = None) -> Path:
+    """On a machine WITH internet: write everything ``local-dir:<folder>`` needs to load the
+    backbone ``name`` offline; returns the folder. Copy it to the offline machine and use
+    ``--model.backbone local-dir:<folder>``.
+
+    * ``hf-hub:<repo>``: the repository's open_clip files (config, one weights file, tokenizer
+      files) and, for a Hugging Face text tower (BiomedCLIP's BERT), that model's ``config.json``
+      (``text_repo`` overrides where it comes from), which open_clip would otherwise fetch;
+    * ``openclip:<architecture>/<tag>``: the built-in architecture's config and the tag's weights;
+    * ``hf-clip:<repo or folder>``: the converted open_clip folder (`convert.convert_hf_clip`);
+    * a generated name (``tiny``, ...): a copy of the generated folder.
+    """
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    snapshot_download(repo.removeprefix("hf-hub:"), local_dir=folder)
-    bert_config = Path(hf_hub_download(text_repo, "config.json"))
-    atomic_write(folder / "config.json", bert_config.read_bytes())
+    if name in GENERATED_NAMES:
+        shutil.copytree(generated_model_dir(name), folder, dirs_exist_ok=True)
+    elif name.startswith("hf-hub:"):
+        import huggingface_hub
+
+        repo = name[len("hf-hub:"):]
+        huggingface_hub.snapshot_download(repo, local_dir=folder,
+                                          ignore_patterns=skipped_hub_files(huggingface_hub.list_repo_files(repo)))
+        if not (folder / CONFIG_FILE).is_file():
+            raise BackboneLoadError(f"hub repository {repo} has no {CONFIG_FILE}: it is not an open_clip model "
+                                    f"(a transformers CLIPModel? then use 'hf-clip:{repo}')")
+        add_text_tower_files(folder, text_repo)
+    elif name.startswith("openclip:"):
+        download_openclip(name, folder)
+    elif name.startswith("hf-clip:"):
+        from dpt_lightning.backbone.convert import convert_hf_clip
+
+        convert_hf_clip(name[len("hf-clip:"):], folder)
+    else:
+        raise BackboneLoadError(f"download_backbone: {name!r} is not a name to download: use 'hf-hub:<repo>', "
+                                "'openclip:<architecture>/<tag>', 'hf-clip:<repo or folder>' or a generated name "
+                                "(a local-dir: folder is already offline)")
     return folder
+
+
+def download_biomedclip(folder: str | Path, repo: str = BIOMEDCLIP_HUB_ID, text_repo: str = BIOMEDBERT_HUB_ID) -> Path:
+    """`download_backbone` for BiomedCLIP (kept for existing scripts): the BiomedCLIP hub files and
+    the BiomedBERT ``config.json`` that open_clip's text tower would otherwise fetch."""
+    return download_backbone(repo if repo.startswith("hf-hub:") else f"hf-hub:{repo}", folder, text_repo=text_repo)

@@ -1,10 +1,12 @@
 """The frozen backbone shared by every prompt method.
 
-`BiomedCLIP` loads an open_clip model by name (`dpt_lightning.backbone.loading`) and exposes, once
-for all methods, the pieces prompt learning needs: the tokenizer, the reference transforms, word
-embeddings, a text encoder that accepts input embeddings (with optional deep prompts) and an image
-encoder that accepts visual prompt tokens. The tower code lives in `dpt_lightning.backbone.towers`;
-this class only delegates to it. It knows nothing about Lightning.
+`Backbone` (also importable as `BiomedCLIP`, its first and default model) loads an open_clip model
+by name (`dpt_lightning.backbone.loading`) and exposes, once for all methods, the pieces prompt
+learning needs: the tokenizer, the reference transforms, word embeddings, a text encoder that
+accepts input embeddings (with optional deep prompts) and an image encoder that accepts visual
+prompt tokens. The tower code of each family (BiomedCLIP's BERT + timm ViT, open_clip's own CLIP
+text transformer + ViT or ResNet) lives in `dpt_lightning.backbone.towers`; this class only
+delegates to it. It knows nothing about Lightning.
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from dpt_lightning.backbone.loading import BIOMEDCLIP_HUB_ID, BackboneLoadError, load_open_clip
-from dpt_lightning.backbone.towers import VISUAL_PROMPT_MODES, ImageFacts, TextFacts, VisualPrompts, build_towers
+from dpt_lightning.backbone.towers import (VISUAL_PROMPT_MODES, ImageFacts, TextFacts, VisualPrompts, build_towers,
+                                          last_true)
 from dpt_lightning.recipe import reference_transforms
 
 
-class BiomedCLIP(nn.Module):
-    """Frozen BiomedCLIP (or any open_clip model whose towers `towers.build_towers` supports)."""
+class Backbone(nn.Module):
+    """A frozen open_clip model whose towers `towers.build_towers` supports: BiomedCLIP (the
+    default), OpenAI CLIP, QuiltNet, PubMedCLIP (converted), ... (README "Backbones")."""
 
     def __init__(self, name: str = BIOMEDCLIP_HUB_ID):
         super().__init__()
@@ -34,6 +38,15 @@ class BiomedCLIP(nn.Module):
         except ValueError as err:
             raise BackboneLoadError(str(err)) from err
         self.eval()  # open_clip returns train mode; methods decide when BERT dropout is on
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Train mode switches dropout on, never batch statistics: the running means of a ResNet's
+        BatchNorm layers are frozen weights like any other (they stay in eval mode)."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
     # ----------------------------------------------------------------- facts
     @property
@@ -98,6 +111,8 @@ class BiomedCLIP(nn.Module):
         """Facts that identify the backbone architecture, stored in checkpoints."""
         return {
             "name": self.name,
+            "text_tower": self.text_tower.family,
+            "image_tower": self.image_tower.family,
             "text_width": self.text_width,
             "vision_width": self.vision_width,
             "embed_dim": self.embed_dim,
@@ -121,12 +136,17 @@ class BiomedCLIP(nn.Module):
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str], trim: bool = True) -> Tensor:
-        """Token ids (B, L). With ``trim`` the padding beyond the longest text is cut (exact)."""
+        """Token ids (B, L). With ``trim`` the padding beyond the longest text is cut (exact for
+        both text families: see `dpt_lightning.backbone.towers`)."""
         ids = self.text_tower.tokenize(texts).to(self.device)
         if trim:
-            length = int((ids != self.pad_id).sum(1).max())
-            ids = ids[:, :length]
+            ids = ids[:, :int(last_true(self.attention_mask(ids)).max()) + 1]
         return ids
+
+    def attention_mask(self, ids: Tensor) -> Tensor:
+        """The mask (B, L) that goes with token ids into `encode_text_embeddings`: the tokens that
+        are not padding (BERT), the positions up to the end-of-text token (CLIP)."""
+        return self.text_tower.attention_mask(ids)
 
     def word_pieces(self, text: str) -> list[str]:
         """The tokenizer's word pieces of ``text`` without special tokens."""
@@ -138,7 +158,7 @@ class BiomedCLIP(nn.Module):
 
     def encode_text(self, ids: Tensor) -> Tensor:
         """Text features (B, embed_dim), unnormalised: open_clip's ``encode_text``."""
-        return self.encode_text_embeddings(self.token_embedding(ids), ids != self.pad_id)
+        return self.encode_text_embeddings(self.token_embedding(ids), self.attention_mask(ids))
 
     def encode_text_embeddings(
         self,
@@ -147,12 +167,14 @@ class BiomedCLIP(nn.Module):
         deep_prompts: Sequence[Tensor] | None = None,
         prompt_start: int | None = None,
     ) -> Tensor:
-        """Text features from input word embeddings (B, L, W) and the attention mask (B, L).
+        """Text features from input word embeddings (B, L, W) and the attention mask (B, L)
+        (`attention_mask` of the token ids; for a CLIP text tower its last True position is the
+        end-of-text token, which is pooled).
 
         ``deep_prompts[i]`` (N, W) or (B, N, W), if given, overwrites positions
         ``prompt_start .. prompt_start+N`` of the hidden states before text layer ``i + 1`` (layer 0
         sees ``embeddings`` as given). ``prompt_start`` defaults to the position after the start
-        token (1 for BERT's [CLS]).
+        token (1 for BERT's [CLS] and CLIP's start-of-text).
         """
         deep_prompts = list(deep_prompts or [])
         if len(deep_prompts) >= self.num_text_layers:
@@ -196,7 +218,7 @@ class BiomedCLIP(nn.Module):
 
     def pool_image(self, images: Tensor, prompts: VisualPrompts | None = None, mode: str = "replace") -> Tensor:
         """The image tower up to its pooled token (B, width), before the projection into the joint
-        space: what feature caches keep, because it does not depend on the other images of the
+        space (a ResNet's attention pool projects itself: (B, embed_dim)): what feature caches keep, because it does not depend on the other images of the
         batch (the projection, a matrix product with as many rows as images, may differ in the last
         bits between batch sizes)."""
         prompts = list(prompts or [])
@@ -209,3 +231,7 @@ class BiomedCLIP(nn.Module):
     def project_image(self, pooled: Tensor) -> Tensor:
         """The image tower's projection of pooled tokens (B, width) into the joint space (B, embed_dim)."""
         return self.image_tower.project(pooled)
+
+
+#: The backbone's first name, kept: ``dpt_lightning.BiomedCLIP("tiny")`` is the same class.
+BiomedCLIP = Backbone

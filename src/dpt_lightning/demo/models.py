@@ -1,9 +1,13 @@
-"""Locally generated BiomedCLIP-shaped models, written as ``local-dir:`` folders.
+"""Locally generated models of both tower families, written as ``local-dir:`` folders.
 
 * ``tiny``: BiomedCLIP's full depth (12 ViT blocks, 12 BERT layers) at a tiny width: a timm ViT
   registered here (`TINY_VIT`, 160 px, patch 16, width 64) and a BERT of width 32 over a small
   vocabulary. Random weights. For tests and the offline demo: it loads through exactly the same
   open_clip path as the real BiomedCLIP, and every method's shipped depth fits it.
+* ``tiny-clip``: the CLIP family at the same size (`TINY_CLIP_RECIPE`): open_clip's own causal text
+  transformer (12 layers, width 32, OpenAI's BPE vocabulary and 77-token context) and its own
+  VisionTransformer (12 blocks, width 64, 160 px, patch 16). Random weights; loads through the
+  same ``local-dir:`` path as OpenAI CLIP or QuiltNet folders.
 * ``random-biomedclip``: the full BiomedCLIP architecture (ViT-B/16 + PubMedBERT-base sized BERT)
   with RANDOM weights, for speed benchmarks only. Its numbers mean nothing as accuracy.
 
@@ -21,7 +25,7 @@ import hashlib
 import json
 import logging
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -89,6 +93,8 @@ TINY_RECIPE = {
 }
 #: The text tower's name in the tiny folders' config (never fetched: the folder holds its config).
 TINY_BERT_NAME = "dpt-lightning/tiny-biomedbert"
+#: The text tower's name in the random-biomedclip folder's config (BiomedCLIP's own).
+BIOMEDBERT_NAME = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
 
 # The published BiomedCLIP configuration (open_clip_config.json of the hub repository).
 BIOMEDCLIP_RECIPE = {
@@ -97,6 +103,19 @@ BIOMEDCLIP_RECIPE = {
     "bert": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 3072, "max_position_embeddings": 512},
     "embed_dim": 512, "context_length": 256, "vocab_size": 30522, "seed": 0,
+}
+
+#: The tiny CLIP-family model: an open_clip ``model_cfg`` (no ``hf_model_name``, no ``timm_model_name``:
+#: open_clip builds its own towers) at the tiny BiomedCLIP-shaped model's depth, widths and image size.
+TINY_CLIP_RECIPE = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": TINY_VIT["img_size"], "patch_size": TINY_VIT["patch_size"],
+                       "width": TINY_VIT["embed_dim"], "layers": 12, "head_width": 32, "mlp_ratio": 2.0},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 12,
+                     "mlp_ratio": 2.0},
+    },
+    "seed": 0,
 }
 
 
@@ -153,31 +172,56 @@ def write_model_dir(folder: Path, recipe: dict, bert_hub_name: str):
     return model.eval()
 
 
+def write_clip_dir(folder: Path, recipe: dict = TINY_CLIP_RECIPE):
+    """Write a complete ``local-dir:`` folder of an open_clip CLIP (its own text transformer and
+    image tower: `TINY_CLIP_RECIPE`) with seeded random weights into the existing ``folder``; returns
+    the model whose weights were saved. Its tokenizer is open_clip's built-in BPE (no files)."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": recipe["model_cfg"], "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(recipe["seed"])
+    with quiet_about(folder):
+        model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+    return model.eval()
+
+
 def recipe_key(recipe: dict) -> str:
     """A short hash of everything a generated folder depends on."""
     import open_clip
     import transformers
 
+    if "bert" not in recipe:  # a CLIP recipe: open_clip builds (and tokenizes) everything itself
+        key = json.dumps([recipe, open_clip.__version__], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
     architecture = TINY_VIT if recipe["vision"]["timm_model_name"] == TINY_VIT_NAME else None
     key = json.dumps([recipe, architecture, vocabulary(recipe["vocab_size"])[:400], open_clip.__version__,
                       transformers.__version__.split(".")[0]], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _cached_model_dir(tag: str, recipe: dict, bert_hub_name: str) -> Path:
+def _cached_model_dir(tag: str, recipe: dict, write: Callable[[Path], object]) -> Path:
+    """``$DPT_CACHE_DIR/<tag>-<recipe key>``, written by ``write(folder)`` on first use."""
     folder = cache_root() / f"{tag}-{recipe_key(recipe)}"
     if not folder.is_dir():  # built under a temporary name: a folder that exists is complete
         with atomic_directory(folder) as tmp:
-            write_model_dir(tmp, recipe, bert_hub_name)
+            write(tmp)
     return folder
 
 
 def tiny_model_dir() -> Path:
     """The tiny BiomedCLIP-shaped model folder (generated on first use, ~2 MB, about a second)."""
-    return _cached_model_dir("tiny", TINY_RECIPE, TINY_BERT_NAME)
+    return _cached_model_dir("tiny", TINY_RECIPE, lambda tmp: write_model_dir(tmp, TINY_RECIPE, TINY_BERT_NAME))
+
+
+def tiny_clip_dir() -> Path:
+    """The tiny CLIP-family model folder (generated on first use, ~9 MB, about a second)."""
+    return _cached_model_dir("tiny-clip", TINY_CLIP_RECIPE, lambda tmp: write_clip_dir(tmp, TINY_CLIP_RECIPE))
 
 
 def random_biomedclip_dir() -> Path:
     """Full-size BiomedCLIP architecture with random weights (benchmarks only, ~800 MB)."""
     return _cached_model_dir("random-biomedclip", BIOMEDCLIP_RECIPE,
-                             "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract")
+                             lambda tmp: write_model_dir(tmp, BIOMEDCLIP_RECIPE, BIOMEDBERT_NAME))

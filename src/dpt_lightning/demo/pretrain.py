@@ -1,4 +1,5 @@
-"""The ``tiny-demo`` backbone: the tiny random model after a short contrastive pre-training.
+"""The ``tiny-demo`` and ``tiny-clip-demo`` backbones: the tiny random models of both tower
+families (``tiny``, ``tiny-clip``) after the same short contrastive pre-training.
 
 The tiny model (`dpt_lightning.demo.models`) has random weights, so on the synthetic demo pictures its
 zero-shot accuracy is chance and prompt learning has nothing to build on. This module gives it a
@@ -41,9 +42,11 @@ from torch import Tensor, nn
 
 from dpt_lightning.demo.models import (
     TINY_BERT_NAME,
+    TINY_CLIP_RECIPE,
     TINY_RECIPE,
     WEIGHTS_FILE,
     recipe_key,
+    write_clip_dir,
     write_model_dir,
 )
 from dpt_lightning.recipe import CLIP_MEAN, CLIP_STD
@@ -177,26 +180,40 @@ def pretrain(model: nn.Module, tokenizer, image_size: int, recipe: dict = PRETRA
             "validation_zero_shot": zero_shot_accuracy(model, tokenizer, held_out, held_out_labels)}
 
 
-def _recipe_key() -> str:
-    key = json.dumps([PRETRAIN_RECIPE, pretraining_captions(), sorted(DEMO_CLASSES), recipe_key(TINY_RECIPE),
+def _recipe_key(model_recipe: dict = TINY_RECIPE) -> str:
+    key = json.dumps([PRETRAIN_RECIPE, pretraining_captions(), sorted(DEMO_CLASSES), recipe_key(model_recipe),
                       torch.__version__.split("+")[0]], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def tiny_demo_dir() -> Path:
-    """The ``tiny-demo`` model folder: generated on first use (pre-training), then cached."""
+def _pretrained_dir(tag: str, source: str, model_recipe: dict, write, image_size: int) -> Path:
+    """``$DPT_CACHE_DIR/<tag>-<key>``: the generated model ``write(folder)`` writes (the folder of
+    ``source``, same recipe and seed: the same weights), pre-trained; built on first use."""
     import open_clip
 
-    folder = cache_root() / f"tiny-demo-{_recipe_key()}"
+    folder = cache_root() / f"{tag}-{_recipe_key(model_recipe)}"
     if folder.is_dir():  # built under a temporary name: a folder that exists is complete
         return folder
     with atomic_directory(folder) as tmp:
-        # The tiny model as `tiny_model_dir` writes it (same recipe and seed: the same weights).
-        model = write_model_dir(tmp, TINY_RECIPE, TINY_BERT_NAME)
+        model = write(tmp)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
-        record = pretrain(model, tokenizer, TINY_RECIPE["vision"]["image_size"])
+        record = pretrain(model, tokenizer, image_size)
         atomic_write(tmp / WEIGHTS_FILE, lambda f: torch.save(model.state_dict(), f))
         atomic_write(tmp / "pretraining.json", json.dumps(
-            {"recipe": PRETRAIN_RECIPE, "captions": pretraining_captions(), "source": f"tiny-{recipe_key(TINY_RECIPE)}",
-             **record}, indent=2))
+            {"recipe": PRETRAIN_RECIPE, "captions": pretraining_captions(),
+             "source": f"{source}-{recipe_key(model_recipe)}", **record}, indent=2))
     return folder
+
+
+def tiny_demo_dir() -> Path:
+    """The ``tiny-demo`` model folder: generated on first use (pre-training), then cached."""
+    return _pretrained_dir("tiny-demo", "tiny", TINY_RECIPE,
+                           lambda tmp: write_model_dir(tmp, TINY_RECIPE, TINY_BERT_NAME),
+                           TINY_RECIPE["vision"]["image_size"])
+
+
+def tiny_clip_demo_dir() -> Path:
+    """The ``tiny-clip-demo`` model folder: ``tiny-clip`` after the same pre-training as ``tiny-demo``."""
+    return _pretrained_dir("tiny-clip-demo", "tiny-clip", TINY_CLIP_RECIPE,
+                           lambda tmp: write_clip_dir(tmp, TINY_CLIP_RECIPE),
+                           TINY_CLIP_RECIPE["model_cfg"]["vision_cfg"]["image_size"])
