@@ -317,8 +317,12 @@ def test_report_never_overwrites_a_summary_unless_asked(configs, tmp_path):
 
 # --------------------------------------------------------------------------- for real
 @pytest.mark.slow
-def test_real_grid_through_the_dpt_code_then_resume(tmp_path, capsys):
-    """CoOp and zero-shot, base-to-novel on the demo data: fit on base, the same checkpoint on novel."""
+def test_real_grid_through_the_dpt_code_then_resume(tmp_path, capsys, monkeypatch):
+    """CoOp and zero-shot, base-to-novel on the demo data: fit on base, the same checkpoint on novel;
+    the cells share one feature store (in a cache of their own here), which --clear-cache empties."""
+    from dpt_lightning.features import store_size
+
+    monkeypatch.setenv("DPT_CACHE_DIR", str(tmp_path / "cache"))
     grid = write(tmp_path / "grid.yaml", {
         "name": "tiny", "protocol": "base2novel",
         "methods": [str(ROOT / "trainers/zeroshot.yaml"), str(ROOT / "trainers/coop.yaml")],
@@ -342,10 +346,21 @@ def test_real_grid_through_the_dpt_code_then_resume(tmp_path, capsys):
     assert zeroshot["status"] == "ok" and zeroshot["train_seconds"] == "" and zeroshot["trainable_params"] == "0"
     summary = (out / "summary.md").read_text()
     assert "Base-to-novel averages" in summary and "| coop |" in summary
-    capsys.readouterr()
+    assert "feature store" in capsys.readouterr().out and store_size()[1] > 0
     assert bench.main([str(grid), "--resume", str(out)]) == 0
     said = capsys.readouterr().out
     assert "0 run(s) executed, 2 skipped" in said
+    assert bench.main(["--clear-cache"]) == 0
+    assert "removed the feature store" in capsys.readouterr().out and store_size() == (0, 0)
+
+
+def test_every_cell_serves_fixed_image_paths_from_the_feature_store():
+    """The store flags are added unless the grid's or entry's args set them (then theirs win)."""
+    assert bench_job.with_feature_store(["--config", "a.yaml"]) == [
+        "--config", "a.yaml", "--model.init_args.cache_eval_features=true",
+        "--model.init_args.cache_train_features=true"]
+    mine = ["--model.init_args.cache_train_features=false"]
+    assert bench_job.with_feature_store(mine) == [*mine, "--model.init_args.cache_eval_features=true"]
 
 
 def test_plain_rerun_continues_the_newest_folder_and_new_starts_another(configs, tmp_path, monkeypatch):
