@@ -26,10 +26,14 @@ Grid: a test set of N image files evaluated by S runs (seeds x shots) with the e
 cache and with re-encoding, runs interleaved, each a ``Trainer.predict`` with every per-process
 cache reset; the class probabilities of both paths are compared.
 
+Training grid (`train_grid.py`): CoOp, CoCoOp, KgCoOp, ProGrad and BiomedCoOp fitted and tested
+through `dpt-bench`'s cell code with the feature store off and on, against the grid bound.
+
     python benchmarks/speed.py                            # all methods (~30 min on 2 CPU cores)
     python benchmarks/speed.py --methods coop biomed_dpt  # the done-when check
     python benchmarks/speed.py --methods coop@4           # a method at another batch size
     python benchmarks/speed.py --quick                    # CoOp and Biomed-DPT at batch 4, a few minutes
+    python benchmarks/speed.py --train-grid-only          # the training grid alone (~15 min on 2 CPU cores)
 
 Results go to ``benchmarks/results/speed_<cpu|cuda>.md``.
 """
@@ -359,8 +363,15 @@ def measure_grid(task: dict) -> dict:
     return result
 
 
+def measure_train_grid(task: dict) -> dict:
+    from train_grid import measure_training_grid
+
+    _setup_worker(task)
+    return measure_training_grid(task)
+
+
 WORKERS = {"timing": measure_timing, "memory_train": measure_memory, "memory_eval": measure_memory,
-           "grid": measure_grid}
+           "grid": measure_grid, "train_grid": measure_train_grid}
 
 
 # ================================================================================ orchestration
@@ -414,7 +425,7 @@ def _ratio(a, b) -> float | None:
     return None if a is None or b is None else a / b
 
 
-def report(args, rows: dict, grid: dict | None, elapsed: float, load: list[float]) -> str:
+def report(args, rows: dict, grid: dict | None, elapsed: float, load: list[float], train_grid: dict | None = None) -> str:
     memory = "CUDA max allocated" if args.device == "cuda" else "peak RSS"
     model = ("Full-size BiomedCLIP architecture with random weights" if args.backbone == "random-biomedclip"
              else "Backbone")
@@ -426,8 +437,19 @@ def report(args, rows: dict, grid: dict | None, elapsed: float, load: list[float
            f"all threads); {memory}, parameters and checkpoints come from fresh processes through Lightning.", "",
            *machine(args), f"- command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
            f"- total benchmark time: {elapsed / 60:.1f} min; 1-minute load average at start / end: "
-           f"{load[0]:.1f} / {load[-1]:.1f} (other programs on the machine inflate wall times)", "",
-           "## Figures", "",
+           f"{load[0]:.1f} / {load[-1]:.1f} (other programs on the machine inflate wall times)"]
+    out += _method_sections(args, rows, memory) if rows else []
+    out += _evaluation_grid_section(args, grid) if grid else []
+    if train_grid:
+        from train_grid import report_training_grid
+
+        out += report_training_grid(args, train_grid)
+    return "\n".join(out) + "\n"
+
+
+def _method_sections(args, rows: dict, memory: str) -> list[str]:
+    """Figures and ratios of the per-method measurements."""
+    out = ["", "## Figures", "",
            f"| method | train batch | variant | train step wall (s) | train step CPU (s) | eval wall (img/s) | "
            f"eval CPU (img/s) | {memory} train (GB) | {memory} eval (GB) | trainable params | checkpoint (kB) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -471,26 +493,30 @@ def report(args, rows: dict, grid: dict | None, elapsed: float, load: list[float
     if with_backbone:
         out += ["", f"A checkpoint that kept the frozen backbone would hold at least {with_backbone / 1e6:.0f} MB "
                 "(the module's full state dict); ours keep the prompt parameters only."]
-    if grid:
-        re, ca = grid["reencode"], grid["cached"]
-        speedup, speedup_cpu = re["total_s"] / ca["total_s"], re["total_cpu_s"] / ca["total_cpu_s"]
-        out += ["", "## Evaluation of a grid", "",
-                f"CoOp, {args.grid_images} test images (JPEG files, 256 px, test batch {args.eval_batch_size}) "
-                f"evaluated by {args.grid_runs} runs (e.g. 3 seeds x 5 shots); each run is `Trainer.predict` of "
-                "another prompt with the per-process caches reset; the cached path starts with an empty cache; "
-                "the two paths alternate run by run.", "",
-                "| path | total wall (s) | total CPU (s) | first run (s) | later runs, median (s) | speed-up wall (CPU) "
-                "| target |", "|---|---|---|---|---|---|---|",
-                f"| re-encode | {re['total_s']:.1f} | {re['total_cpu_s']:.1f} | {re['runs_s'][0]:.2f} | "
-                f"{statistics.median(re['runs_s'][1:]):.2f} | 1.00 | |",
-                f"| feature cache | {ca['total_s']:.1f} | {ca['total_cpu_s']:.1f} | {ca['runs_s'][0]:.2f} | "
-                f"{statistics.median(ca['runs_s'][1:]):.2f} | {speedup:.2f} ({speedup_cpu:.2f}) | "
-                f"{'-' if args.quick else 'met' if speedup >= TARGET_GRID else 'NOT met'} (>= {TARGET_GRID:g}x) |", "",
-                f"Largest difference between the two paths' class probabilities: {grid['max_prob_difference']:.2e}.",
-                "", f"Fixed costs of every run that the cache does not remove (profiled in the same process): the "
-                f"backbone weights digest that keys the cache, {grid['digest_s']:.2f} s, and decoding + transforming "
-                f"the {args.grid_images} images, {grid['load_images_s']:.2f} s (the loader still reads every image)."]
-    return "\n".join(out) + "\n"
+    return out
+
+
+def _evaluation_grid_section(args, grid: dict) -> list[str]:
+    """The evaluation-cache grid: re-encoding vs the feature cache."""
+    re, ca = grid["reencode"], grid["cached"]
+    speedup, speedup_cpu = re["total_s"] / ca["total_s"], re["total_cpu_s"] / ca["total_cpu_s"]
+    out = ["", "## Evaluation of a grid", "",
+            f"CoOp, {args.grid_images} test images (JPEG files, 256 px, test batch {args.eval_batch_size}) "
+            f"evaluated by {args.grid_runs} runs (e.g. 3 seeds x 5 shots); each run is `Trainer.predict` of "
+            "another prompt with the per-process caches reset; the cached path starts with an empty cache; "
+            "the two paths alternate run by run.", "",
+            "| path | total wall (s) | total CPU (s) | first run (s) | later runs, median (s) | speed-up wall (CPU) "
+            "| target |", "|---|---|---|---|---|---|---|",
+            f"| re-encode | {re['total_s']:.1f} | {re['total_cpu_s']:.1f} | {re['runs_s'][0]:.2f} | "
+            f"{statistics.median(re['runs_s'][1:]):.2f} | 1.00 | |",
+            f"| feature cache | {ca['total_s']:.1f} | {ca['total_cpu_s']:.1f} | {ca['runs_s'][0]:.2f} | "
+            f"{statistics.median(ca['runs_s'][1:]):.2f} | {speedup:.2f} ({speedup_cpu:.2f}) | "
+            f"{'-' if args.quick else 'met' if speedup >= TARGET_GRID else 'NOT met'} (>= {TARGET_GRID:g}x) |", "",
+            f"Largest difference between the two paths' class probabilities: {grid['max_prob_difference']:.2e}.",
+            "", f"Fixed costs of every run that the cache does not remove (profiled in the same process): the "
+            f"backbone weights digest that keys the cache, {grid['digest_s']:.2f} s, and decoding + transforming "
+            f"the {args.grid_images} images, {grid['load_images_s']:.2f} s (the loader still reads every image)."]
+    return out
 
 
 def write_report(output: Path, text: str) -> None:
@@ -518,6 +544,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-images", type=int, default=100, help="test images of the grid (reference test batch)")
     parser.add_argument("--grid-runs", type=int, default=15)
     parser.add_argument("--no-grid", action="store_true")
+    parser.add_argument("--train-grid-methods", nargs="+", default=["coop", "cocoop", "kgcoop", "prograd", "biomed_coop"],
+                        help="trainers/<name>.yaml of the training grid")
+    parser.add_argument("--train-grid-epochs", type=int, default=2, help="max_epochs of every training-grid cell")
+    parser.add_argument("--train-grid-shots", type=int, default=4, help="K of the training grid (demo data, 4 classes)")
+    parser.add_argument("--no-train-grid", action="store_true")
+    parser.add_argument("--train-grid-only", action="store_true",
+                        help="only the training grid (results/speed_<device>_train_grid.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory/checkpoint processes")
     parser.add_argument("--output", help="markdown file (default benchmarks/results/speed_<device>.md)")
     parser.add_argument("--render", help="only write the report from the raw results JSON of an earlier run")
@@ -539,12 +572,13 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    output = Path(args.output or HERE / "results" / f"speed_{args.device}{'_quick' if args.quick else ''}.md")
+    suffix = "_train_grid" if args.train_grid_only else "_quick" if args.quick else ""
+    output = Path(args.output or HERE / "results" / f"speed_{args.device}{suffix}.md")
     raw_path = Path(tempfile.gettempdir()) / f"dpt_speed_{args.device}.json"
     if args.render:
         raw = json.loads(Path(args.render).read_text())
         rows = {(m, b): v for m, b, v in raw["rows"]}
-        write_report(output, report(args, rows, raw["grid"], raw["elapsed"], raw["load"]))
+        write_report(output, report(args, rows, raw["grid"], raw["elapsed"], raw["load"], raw.get("train_grid")))
         return
     common = {key: getattr(args, key) for key in ("classes", "warmup", "steps", "eval_batch_size", "eval_batches",
                                                  "threads", "backbone", "precision", "device")}
@@ -553,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     log_path = Path(tempfile.gettempdir()) / f"dpt_speed_{args.device}.log"
     print(f"worker logs: {log_path}", flush=True)
     with open(log_path, "w") as log:
-        for method, batch in parse_methods(args.methods, args.batch_size):
+        for method, batch in [] if args.train_grid_only else parse_methods(args.methods, args.batch_size):
             task = {**common, "method": method, "batch_size": batch}
             row = spawn({**task, "kind": "timing"}, log)
             for variant in VARIANTS if not args.no_memory else ():
@@ -563,16 +597,20 @@ def main(argv: list[str] | None = None) -> None:
             for variant, r in row.items():
                 print(f"{method:12s} batch {batch or '-'} {variant:9s} step {_fmt(r.get('step_s'), '.3f')} s "
                       f"(CPU {_fmt(r.get('step_cpu_s'), '.3f')}), eval {r['eval_ips']:.2f} img/s", flush=True)
-        grid = None
-        if not args.no_grid:
+        grid = train_grid = None
+        if not args.no_grid and not args.train_grid_only:
             grid = spawn({**common, "method": "coop", "batch_size": None, "kind": "grid",
                           "grid_images": args.grid_images, "grid_runs": args.grid_runs}, log)
+        if not args.no_train_grid and not args.quick:
+            train_grid = spawn({**common, "kind": "train_grid", "train_grid_methods": args.train_grid_methods,
+                                "train_grid_epochs": args.train_grid_epochs,
+                                "train_grid_shots": args.train_grid_shots}, log)
     load.append(os.getloadavg()[0])
     elapsed = time.perf_counter() - start
     raw_path.write_text(json.dumps({"rows": [[m, b, v] for (m, b), v in rows.items()], "grid": grid,
-                                    "elapsed": elapsed, "load": load}))
+                                    "train_grid": train_grid, "elapsed": elapsed, "load": load}))
     print(f"raw results: {raw_path}")
-    write_report(output, report(args, rows, grid, elapsed, load))
+    write_report(output, report(args, rows, grid, elapsed, load, train_grid))
 
 
 if __name__ == "__main__":

@@ -27,3 +27,24 @@ def test_speed_benchmark_quick_run_on_the_tiny_backbone(tmp_path):
     assert "## Ratios" in text and "does not judge the targets" in text
     difference = float(re.search(r"class probabilities: ([0-9.e+-]+)\.", text).group(1))
     assert difference < 1e-6
+
+
+@pytest.mark.slow
+def test_training_grid_section_runs_the_bench_cells_with_the_store_off_and_on(tmp_path, monkeypatch):
+    """The training-grid measurement (tiny backbone, CoOp, one epoch): both paths give the same test
+    accuracy, the store holds the grid's views afterwards, and the report states the ratios."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("DPT_CACHE_DIR", os.environ["DPT_CACHE_DIR"])  # the measurement points it elsewhere
+    import train_grid
+
+    task = {"backbone": "tiny", "device": "cpu", "precision": "32-true", "train_grid_methods": ["coop"],
+            "train_grid_epochs": 1, "train_grid_shots": 1}
+    result = train_grid.measure_training_grid(task)
+    coop = result["cells"]["coop"]
+    assert coop["off"]["acc"] == coop["on"]["acc"] == coop["on_full_store"]["acc"]
+    assert result["store_shards"] >= 2 and result["image_pass_s"] > 0  # training views and test views
+    text = "\n".join(train_grid.report_training_grid(
+        argparse.Namespace(train_grid_epochs=1, train_grid_shots=1), result))
+    assert "| coop |" in text and "identical on both paths" in text and "| 1 methods |" in text
