@@ -36,6 +36,8 @@ LAYER_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj
                "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 ACTIVATIONS = {"quick_gelu": True, "gelu": False}  # -> open_clip's quick_gelu flag
 CHECK_TEXT = "a chest x-ray showing pneumonia."
+#: The special tokens of OpenAI's vocab.json under open_clip's names (same ids, 49406 and 49407).
+OPENAI_SPECIAL_TOKENS = {"<|startoftext|>": "<start_of_text>", "<|endoftext|>": "<end_of_text>"}
 
 
 class ConversionError(ValueError):
@@ -111,6 +113,8 @@ def check_vocabulary(source: str) -> None:
         vocab = AutoTokenizer.from_pretrained(source).get_vocab()
     except Exception as err:  # noqa: BLE001 - missing or unreadable tokenizer files
         raise ConversionError(f"its tokenizer cannot be read ({err}): the folder needs vocab.json and merges.txt") from err
+    # OpenAI's files name the special tokens <|startoftext|> / <|endoftext|>; open_clip <start_of_text> / ...
+    vocab = {OPENAI_SPECIAL_TOKENS.get(token, token): index for token, index in vocab.items()}
     if vocab != SimpleTokenizer().encoder:
         raise ConversionError("its vocabulary is not OpenAI CLIP's, which the converted folder's open_clip tokenizer "
                               "would use")
