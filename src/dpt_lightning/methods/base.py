@@ -83,6 +83,9 @@ class PromptTrainer(LightningModule):
     #: Do the class features depend on the image? Then ``encode_classes`` receives the image
     #: features and returns (B, C, D), and evaluation never caches class features.
     instance_conditioned: ClassVar[bool] = False
+    #: Can what the method learns score classes it was not trained on (base-to-novel)? False for a
+    #: method that learns one entry per training class (a linear head, a class-specific context).
+    scores_new_classes: ClassVar[bool] = True
     #: How ``visual_prompts`` enter the ViT: ``replace`` patch tokens 1..N or ``insert`` after CLS.
     visual_mode: Literal["replace", "insert"] = "replace"
     #: Where checkpoints keep the settings. Not Lightning's ``hyper_parameters``: LightningCLI would

@@ -56,6 +56,13 @@ def checkpoint_identity(model) -> dict:
             "dataset": model.hparams.dataset}
 
 
+def new_classes_scored(model) -> bool:
+    """Can ``model``'s learned parameters score classes other than those they were trained on? The
+    class's ``scores_new_classes``; CoOp-style prompts also need a context shared by all classes."""
+    prompt = getattr(model, "prompt", None)
+    return bool(getattr(model, "scores_new_classes", True)) and not getattr(prompt, "class_specific", False)
+
+
 def drop_frozen_weights(state_dict: dict) -> None:
     """Remove the frozen backbone's tensors from a state dict (in place)."""
     for key in [k for k in state_dict if k.startswith(BACKBONE_PREFIX)]:
@@ -73,6 +80,12 @@ def check_checkpoint(model: nn.Module, checkpoint: dict) -> None:
         problems.append(f"method {identity['method']} (this model: {mine['method']}); use the config of the "
                         f"method the checkpoint was trained with")
     theirs, ours = identity["backbone"], mine["backbone"]
+    towers = [key for key in ("text_tower", "image_tower") if key in theirs and theirs[key] != ours.get(key)]
+    if towers:  # (checkpoints from before the tower families record none: their widths are checked below)
+        problems.append(f"backbone {theirs.get('name')!r} with a {theirs.get('text_tower')} text tower and a "
+                        f"{theirs.get('image_tower')} image tower (this model: {ours.get('name')!r} with "
+                        f"{ours.get('text_tower')} + {ours.get('image_tower')}); load it with the backbone it was "
+                        f"trained on: --model.init_args.backbone={theirs.get('name')}")
     for key in ("text_width", "vision_width", "embed_dim", "vocab_size"):
         if theirs.get(key) != ours.get(key):
             problems.append(f"backbone {key} {theirs.get(key)} (this model: {ours.get(key)})")
@@ -80,10 +93,14 @@ def check_checkpoint(model: nn.Module, checkpoint: dict) -> None:
         problems.append(f"backbone weights {theirs['weights_digest'][:12]} of {theirs.get('name')!r} (this model: "
                         f"{ours['weights_digest'][:12]} of {ours.get('name')!r}): the prompt was trained on other "
                         "weights; the same weights may come from another location (hf-hub: or local-dir:)")
-    if identity["classnames"] != mine["classnames"] and not (
-            identity.get("protocol") == mine["protocol"] == "base2novel"):
-        problems.append(f"classes {identity['classnames']} (this model: {mine['classnames']}); only a "
-                        "base-to-novel evaluation may load a prompt trained on other classes")
+    if identity["classnames"] != mine["classnames"]:
+        if not identity.get("protocol") == mine["protocol"] == "base2novel":
+            problems.append(f"classes {identity['classnames']} (this model: {mine['classnames']}); only a "
+                            "base-to-novel evaluation may load a prompt trained on other classes")
+        elif not new_classes_scored(model):
+            problems.append(f"classes {identity['classnames']} (this model: {mine['classnames']}); "
+                            f"{type(model).__name__} learns one entry per training class and cannot score "
+                            "other classes: it has no base-to-novel evaluation")
     if problems:
         raise CheckpointMismatchError("checkpoint does not fit this model: " + "; ".join(problems))
     own = {name: t.shape for name, t in model.state_dict().items() if not name.startswith(BACKBONE_PREFIX)}

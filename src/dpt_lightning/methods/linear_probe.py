@@ -51,6 +51,8 @@ class LinearProbe(FrozenFeatureTrainer):
 
     #: Fitted from zero by L-BFGS: the weights legitimately end far from their start.
     guard_parameter_growth = False
+    #: One weight row per training class: nothing for a novel class.
+    scores_new_classes = False
 
     def __init__(
         self,

@@ -55,6 +55,9 @@ class LPPlusPlus(FrozenFeatureTrainer):
         momentum, weight_decay: SGD settings of W and b (reference 0.9 and none).
     """
 
+    #: One weight row and one alpha per training class: nothing for a novel class.
+    scores_new_classes = False
+
     def __init__(
         self,
         template: str = "a photo of a {}.",

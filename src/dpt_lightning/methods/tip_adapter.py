@@ -49,6 +49,8 @@ class TipAdapter(FrozenFeatureTrainer):
     """
 
     data_shaped = ("cache_keys", "cache_labels")
+    #: The cache's values are the training classes' one-hot labels: nothing for a novel class.
+    scores_new_classes = False
     #: Are the cache keys trained (Tip-Adapter-F)?
     finetune = False
 
