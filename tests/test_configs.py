@@ -1,6 +1,9 @@
 """Every shipped method config runs unchanged on the offline demo through the ``dpt`` command's
-``main()``: fit (one short epoch), test, predict, export, and the export loads back. A method that
-learns nothing (zero-shot) is tested and predicted only."""
+``main()``, on both tiny tower families: with ``tiny-demo`` (BiomedCLIP's BERT + timm ViT) fit (one
+short epoch), test, predict, export, and the export loads back; with ``tiny-clip-demo`` (open_clip's
+own text transformer + VisionTransformer) fit on one batch, then predict from the checkpoint, whose
+accuracy must be the fit's test accuracy (kept cheap: the suite's time budget). A method that learns
+nothing (zero-shot) is tested and predicted only."""
 from __future__ import annotations
 
 import importlib
@@ -18,6 +21,8 @@ from dpt_lightning.export import main as export_main
 pytestmark = pytest.mark.usefixtures("tiny_demo_backbone")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("trainers/*.yaml"))
+#: The backbones every config runs on: one per tower family (the demo config's own is the first).
+BACKBONES = ["tiny-demo", "tiny-clip-demo"]
 QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--data.num_workers", "0",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -37,10 +42,24 @@ def test_every_method_has_a_config():
     assert methods - {dpt_lightning.PromptTrainer} <= shipped
 
 
+@pytest.fixture(scope="module")
+def tiny_clip_demo_backbone():
+    """Builds ``tiny-clip-demo`` once, in this process (as ``tiny_demo_backbone`` for ``tiny-demo``)."""
+    from dpt_lightning.demo.pretrain import tiny_clip_demo_dir
+
+    return f"local-dir:{tiny_clip_demo_dir()}"
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_runs_on_the_demo_unchanged(config, tmp_path):
-    common = ["--config", str(config), "--config", str(ROOT / "datasets/demo.yaml"), *QUICK]
+def test_config_runs_on_the_demo_unchanged(config, backbone, tmp_path, request):
+    other_family = backbone != BACKBONES[0]
+    quick = QUICK
+    if other_family:
+        request.getfixturevalue("tiny_clip_demo_backbone")
+        quick = [*QUICK, "--model.init_args.backbone", backbone, "--trainer.limit_train_batches", "1"]
+    common = ["--config", str(config), "--config", str(ROOT / "datasets/demo.yaml"), *quick]
     out = tmp_path / "predictions.csv"
     if not method_class(config).learns:
         main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "test")])
@@ -51,6 +70,14 @@ def test_config_runs_on_the_demo_unchanged(config, tmp_path):
     (ckpt,) = (tmp_path / "fit").glob("lightning_logs/version_*/checkpoints/last.ckpt")
     (metrics,) = (tmp_path / "fit").glob("lightning_logs/version_*/metrics.csv")
     fitted = pd.read_csv(metrics)["test_acc"].dropna().iloc[-1]
+    if other_family:  # the checkpoint records this backbone, and predicts as the fit tested
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["dpt_lightning"]["backbone"]["text_tower"] == "openclip-text"
+        main(["predict", *common, "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path", str(ckpt),
+              "--predictions.path", str(out)])
+        table = pd.read_csv(out)
+        accuracy = (table["prediction"] == table["path"].map(lambda p: Path(p).parent.name)).mean()
+        assert len(table) == 48 and accuracy == pytest.approx(fitted, abs=1e-6)
+        return
 
     main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path", str(ckpt)])
     (metrics,) = (tmp_path / "test").glob("lightning_logs/version_*/metrics.csv")
