@@ -53,6 +53,25 @@ def test_load_into_other_classes_or_backbone_is_a_clear_error(fitted):
         same.on_load_checkpoint(state)
 
 
+def test_a_checkpoint_refuses_the_other_tower_family(fitted):
+    """Trained on ``tiny`` (BERT + timm ViT), loaded with ``tiny-clip`` (open_clip's CLIP towers, the
+    same widths): refused, naming both backbones' towers and the backbone to load it with."""
+    _, path = fitted
+    state = torch.load(path, weights_only=True)
+    assert (state["dpt_lightning"]["backbone"]["text_tower"], state["dpt_lightning"]["backbone"]["image_tower"]) == \
+        ("hf-bert", "timm-vit")
+    clip = CoOp(classnames=fitted[0].classnames, backbone="tiny-clip")
+    with pytest.raises(CheckpointMismatchError, match=r"backbone 'tiny' with a hf-bert text tower and a timm-vit image "
+                       r"tower \(this model: 'tiny-clip' with openclip-text \+ openclip-vit\).*"
+                       r"--model.init_args.backbone=tiny"):
+        clip.on_load_checkpoint(state)
+    for key in ("text_tower", "image_tower"):  # a checkpoint from before the tower families: widths still checked
+        del state["dpt_lightning"]["backbone"][key]
+    with pytest.raises(CheckpointMismatchError) as err:
+        clip.on_load_checkpoint(state)
+    assert "tower" not in str(err.value) and "weights" in str(err.value)
+
+
 def test_base_to_novel_may_load_a_prompt_trained_on_base_classes(fitted):
     _, path = fitted
     state = torch.load(path, weights_only=True)
