@@ -386,3 +386,78 @@ def test_plain_rerun_continues_the_newest_folder_and_new_starts_another(configs,
     assert bench.main([str(grid), "--new"]) == 0
     assert calls[2] == stamped(2)
     assert bench.main([str(grid), "--new", "--resume"]) == 2  # contradictory options
+
+
+# ------------------------------------------------------------------------------ backbones axis
+def test_backbones_axis_expands_and_labels_cells_only_when_it_compares(configs):
+    one = expand(load_grid(grid_file(configs, backbones=["tiny-clip"])))
+    assert [r.run_id for r in one] == [r.run_id for r in expand(load_grid(grid_file(configs)))]  # same folders
+    (_, args, _), = one[0].stages(Path("/out/x"))
+    assert "--model.init_args.backbone=tiny-clip" in args
+    grid = load_grid(grid_file(configs, backbones=["tiny-demo", {"backbone": "openclip:ViT-B-16/openai", "name": "clip"},
+                                                   "local-dir:/models/quilt-net/"]))
+    assert [b.name for b in grid.backbones] == ["tiny-demo", "clip", "quilt-net"]
+    runs = expand(grid)
+    assert len(runs) == 3 * (2 * 1 + 2 * 2 * 3)
+    ids = [r.run_id for r in runs]
+    assert len(set(ids)) == len(ids) and "coop_clip_alpha_fewshot_K4_seed2" in ids and "zs_quilt-net_busi_fewshot" in ids
+    cell = next(r for r in runs if r.run_id == "coop_clip_alpha_fewshot_K4_seed2")
+    (_, args, _), = cell.stages(Path("/out/x"))
+    assert args[args.index("--data.num_shots") - 1] == "--model.init_args.backbone=openclip:ViT-B-16/openai"
+    assert cell.settings()["backbone_label"] == "clip" and cell.label().startswith("coop @ clip |")
+    assert len({r.fingerprint() for r in runs if r.shots == 4 and r.seed == 2 and r.dataset.name == "alpha"}) == 3
+    copy = load_grid(write(configs / "grids/copy.yaml", grid.to_yaml()))
+    assert [r.run_id for r in expand(copy)] == ids
+    assert bench.grid.backbone_label("hf-hub:wisdomik/QuiltNet-B-32") == "QuiltNet-B-32"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"backbones": []}, "'backbones' must be a non-empty list"),
+    ({"backbones": ["tiny", {"backbone": "tiny-demo", "name": "tiny"}]}, r"labelled \['tiny'\] appear twice"),
+    ({"backbones": [{"id": "tiny"}]}, "backbones entry"),
+    ({"backbones": ["tiny"], "model": {"backbone": "tiny-demo"}}, "'model: backbone' and 'backbones'"),
+])
+def test_bad_backbones_axis_is_a_clear_error(configs, change, message):
+    with pytest.raises(GridError, match=message):
+        load_grid(grid_file(configs, **change))
+
+
+def test_summary_shows_methods_by_backbones(configs, tmp_path):
+    grid = load_grid(grid_file(configs, shots=[4], seeds=[1], datasets=["../datasets/alpha.yaml"],
+                               backbones=["tiny-demo", "tiny-clip-demo"]))
+    rows = [{"run_id": r.run_id, **r.settings(), "status": "ok", "acc": str(acc)}
+            for r, acc in zip(expand(grid), (0.3, 0.4, 0.6, 0.8))]
+    text, series, _ = bench_report.summary_markdown(grid, rows, tmp_path)
+    assert "| coop @ tiny-clip-demo | 80.00 | 80.00 |" in text and "| zs @ tiny-demo | 30.00 | 30.00 |" in text
+    assert "## Methods × backbones" in text
+    assert "| method | tiny-demo | tiny-clip-demo |" in text
+    assert "| coop | 60.00 | 80.00 |" in text and "| zs | 30.00 | 40.00 |" in text
+    assert set(series) == {"zs @ tiny-demo", "zs @ tiny-clip-demo", "coop @ tiny-demo", "coop @ tiny-clip-demo"}
+
+
+@pytest.mark.slow
+def test_backbones_demo_grid_runs_on_both_tiny_families(tmp_path):
+    """benchmarks/backbones_demo.yaml, cut to zero-shot and CoOp, one seed and one short epoch: every
+    cell runs on its backbone and summary.md shows methods × backbones."""
+    from dpt_lightning.demo.pretrain import tiny_clip_demo_dir, tiny_demo_dir
+
+    tiny_demo_dir(), tiny_clip_demo_dir()  # generated once in this process, not by each cell
+    shipped = yaml.safe_load((ROOT / "benchmarks/backbones_demo.yaml").read_text())
+    assert shipped["backbones"] == ["tiny-demo", "tiny-clip-demo"]
+    grid = write(tmp_path / "grid.yaml", {
+        **shipped, "methods": [str(ROOT / "trainers/zeroshot.yaml"), str(ROOT / "trainers/coop.yaml")],
+        "datasets": [str(ROOT / "datasets/demo.yaml")], "seeds": [1],
+        "trainer": {**shipped["trainer"], "max_epochs": 1, "limit_train_batches": 2, "enable_progress_bar": False},
+    })
+    out = tmp_path / "out"
+    assert bench.main([str(grid), "--out", str(out)]) == 0
+    rows = {r["run_id"]: r for r in read_results(out)}
+    assert set(rows) == {"zeroshot_tiny-demo_demo_fewshot", "zeroshot_tiny-clip-demo_demo_fewshot",
+                         "coop_tiny-demo_demo_fewshot_K4_seed1", "coop_tiny-clip-demo_demo_fewshot_K4_seed1"}
+    assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
+    assert {r["backbone"] for r in rows.values()} == {"tiny-demo", "tiny-clip-demo"}
+    assert int(rows["coop_tiny-clip-demo_demo_fewshot_K4_seed1"]["trainable_params"]) == 4 * 32
+    summary = (out / "summary.md").read_text()
+    assert "## Methods × backbones" in summary and "| method | tiny-demo | tiny-clip-demo |" in summary
+    assert re.search(r"\| coop \| \d+\.\d\d \| \d+\.\d\d \|", summary)
+    assert re.search(r"\| zeroshot \| \d+\.\d\d \| \d+\.\d\d \|", summary)

@@ -18,6 +18,9 @@ Grid keys (paths are relative to the grid file)::
     data_root: ${DPT_DATA_ROOT}       # --data.root of every dataset without its own root ($VARS expand)
     shots: [1, 2, 4, 8, 16]           # base2novel: default [16]
     seeds: [1, 2, 3]
+    backbones:                        # optional axis: --model.init_args.backbone=<id> per cell
+      - hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
+      - {backbone: openclip:ViT-B-16/openai, name: clip}   # name: the label in cell names and tables
     trainer: {max_epochs: 50}         # --trainer.<key> for every run; also model:, data:
     args: []                          # raw extra dpt arguments for every run
     output: runs                      # where timestamped run folders go (relative to the cwd)
@@ -25,6 +28,10 @@ Grid keys (paths are relative to the grid file)::
 
 A method whose class declares ``learns = False`` (ZeroShot) is tested once per dataset and
 protocol: shots and seeds do not change its result. ``fit:`` in the grid overrides the class.
+
+With ``backbones:`` every cell runs once per backbone (`Run.backbone`). The cell names carry the
+backbone's label only when the axis has more than one value, so a grid with one backbone (or none:
+each config's own) keeps its cell folders; the summary then shows methods × backbones.
 """
 from __future__ import annotations
 
@@ -42,8 +49,8 @@ import yaml
 
 from dpt_lightning.recipe import PROTOCOLS
 
-GRID_KEYS = {"name", "protocol", "methods", "datasets", "data_root", "shots", "seeds", "trainer", "model",
-             "data", "args", "output", "published"}
+GRID_KEYS = {"name", "protocol", "methods", "datasets", "data_root", "shots", "seeds", "backbones", "trainer",
+             "model", "data", "args", "output", "published"}
 ENTRY_KEYS = {"methods": {"config", "name", "fit", "args"}, "datasets": {"config", "name", "root", "args"}}
 #: Packages whose classes are not part of a method's own source (a method's fingerprint covers the
 #: files of its class and of its base classes from dpt_lightning or the user's own modules).
@@ -67,6 +74,25 @@ class Entry:
     fit: bool = True  # methods only: False = test only (nothing to learn)
 
 
+@dataclass(frozen=True)
+class Backbone:
+    """A value of the grid's ``backbones:`` axis: the backbone id and its short label."""
+
+    id: str
+    name: str
+
+
+def backbone_label(backbone: str) -> str:
+    """A short, file-name-safe label of a backbone id: ``openclip:ViT-B-16/openai`` -> ``ViT-B-16-openai``,
+    ``hf-hub:org/Model`` -> ``Model``, ``local-dir:/a/folder`` -> ``folder``, ``tiny-clip`` -> itself."""
+    if backbone.startswith("openclip:"):
+        return safe_name(backbone[len("openclip:"):].replace("/", "-"))
+    for scheme in ("hf-hub:", "hf-clip:", "local-dir:"):
+        if backbone.startswith(scheme):
+            backbone = backbone[len(scheme):]
+    return safe_name(Path(backbone.rstrip("/")).name or backbone)
+
+
 @dataclass
 class Grid:
     name: str
@@ -77,6 +103,7 @@ class Grid:
     seeds: list[int]
     args: list[str]  # overrides for every run
     output: str = "runs"
+    backbones: list[Backbone] = field(default_factory=list)  # empty: each config's own backbone
     published: str = "auto"
     source: str = ""
 
@@ -90,6 +117,8 @@ class Grid:
             "shots": self.shots if len(self.protocols) > 1 else self.shots[self.protocols[0]],
             "seeds": self.seeds, "args": self.args, "output": self.output, "published": self.published,
         }
+        if self.backbones:
+            data["backbones"] = [{"backbone": b.id, "name": b.name} for b in self.backbones]
         return f"# dpt-bench grid as run (from {self.source})\n" + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -276,6 +305,7 @@ def load_grid(path: str | Path) -> Grid:
     if published not in ("auto", "true", "false"):
         raise GridError(f"{where}: published must be auto, true or false, got {raw['published']!r}")
     common = override_args(raw, where)
+    backbones = _backbones(raw, where)
     return Grid(
         name=safe_name(raw.get("name") or path.stem),
         protocols=protocols,
@@ -289,7 +319,32 @@ def load_grid(path: str | Path) -> Grid:
         output=str(raw.get("output", "runs")),
         published=published,
         source=str(path),
+        backbones=backbones,
     )
+
+
+def _backbones(raw: dict, where: str) -> list[Backbone]:
+    """The ``backbones:`` axis: ids, or ``{backbone: ID, name: LABEL}``; labels must differ."""
+    items = raw.get("backbones")
+    if items is None:
+        return []
+    items = [items] if isinstance(items, str) else items
+    if not isinstance(items, list) or not items:
+        raise GridError(f"{where}: 'backbones' must be a non-empty list of backbone ids (e.g. tiny-demo, "
+                        "openclip:ViT-B-16/openai) or {backbone: ID, name: LABEL}")
+    if "backbone" in (raw.get("model") or {}):
+        raise GridError(f"{where}: 'model: backbone' and 'backbones' both set the backbone: keep one")
+    out = []
+    for item in items:
+        spec = {"backbone": item} if isinstance(item, str) else item
+        if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), str) or set(spec) - {"backbone", "name"}:
+            raise GridError(f"{where}: backbones entry {item!r}: give a backbone id or {{backbone: ID, name: LABEL}}")
+        out.append(Backbone(spec["backbone"], safe_name(spec.get("name") or backbone_label(spec["backbone"]))))
+    names = [b.name for b in out]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise GridError(f"{where}: backbones labelled {duplicates} appear twice; give each entry its own 'name'")
+    return out
 
 
 # --------------------------------------------------------------------------- the runs
@@ -303,16 +358,23 @@ class Run:
     shots: int | None
     seed: int | None
     common: tuple[str, ...] = field(default=(), compare=False)
+    backbone: Backbone | None = None  # from the grid's backbones: axis (None: the configs' own)
+    labelled: bool = False  # the axis has more than one value: the label is part of the cell name
+
+    @property
+    def method_label(self) -> str:
+        """The method's name, with ``@ <backbone label>`` when the grid compares backbones."""
+        return f"{self.method.name} @ {self.backbone.name}" if self.labelled else self.method.name
 
     @property
     def run_id(self) -> str:
-        parts = [self.method.name, self.dataset.name, self.protocol]
+        parts = [self.method.name, *([self.backbone.name] if self.labelled else []), self.dataset.name, self.protocol]
         if self.shots is not None:
             parts += [f"K{self.shots}", f"seed{self.seed}"]
         return safe_name("_".join(parts))
 
     def label(self) -> str:
-        text = f"{self.method.name} | {self.dataset.name} | {self.protocol}"
+        text = f"{self.method_label} | {self.dataset.name} | {self.protocol}"
         return text + (f" | K={self.shots} | seed {self.seed}" if self.shots is not None else " | test only")
 
     def base_args(self, run_dir: Path) -> list[str]:
@@ -320,6 +382,8 @@ class Run:
         if self.dataset.root:
             args += ["--data.root", self.dataset.root]
         args += [*self.common, *self.method.args, *self.dataset.args]
+        if self.backbone is not None:
+            args.append(f"--model.init_args.backbone={self.backbone.id}")
         if self.shots is not None:
             args += ["--data.num_shots", str(self.shots), "--data.seed", str(self.seed)]
         return args + ["--trainer.default_root_dir", str(run_dir)]
@@ -340,7 +404,8 @@ class Run:
                 "fit": self.method.fit, "dataset": self.dataset.name, "dataset_config": self.dataset.config,
                 "root": self.dataset.root or "", "protocol": self.protocol,
                 "shots": self.shots if self.shots is not None else "", "seed": self.seed if self.seed is not None else "",
-                "overrides": " ".join([*self.common, *self.method.args, *self.dataset.args])}
+                "overrides": " ".join([*self.common, *self.method.args, *self.dataset.args]),
+                **({"backbone_label": self.backbone.name} if self.backbone is not None else {})}
 
     def fingerprint(self) -> str:
         """Digest of everything that determines the result: the configs' content (comments
@@ -349,23 +414,27 @@ class Run:
         content = [yaml.safe_load(Path(p).read_text()) for p in (self.method.config, self.dataset.config)]
         source = method_source(model_class_path(self.method.config, [*self.common, *self.method.args]))
         key = json.dumps([content, asdict(self.method) | {"config": ""}, asdict(self.dataset) | {"config": ""},
-                          list(self.common), self.protocol, self.shots, self.seed, source],
+                          list(self.common), self.protocol, self.shots, self.seed, source,
+                          *([self.backbone.id] if self.backbone is not None else [])],
                          sort_keys=True, default=str)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def expand(grid: Grid) -> list[Run]:
-    """All runs of the grid, in the order they execute: protocol, dataset, method, shots, seed."""
+    """All runs of the grid, in the order they execute: protocol, dataset, method, backbone, shots, seed."""
     runs = []
+    labelled = len(grid.backbones) > 1
     for protocol in grid.protocols:
         for dataset in grid.datasets:
             for method in grid.methods:
-                if not method.fit:
-                    runs.append(Run(method, dataset, protocol, None, None, tuple(grid.args)))
-                    continue
-                for shots in grid.shots[protocol]:
-                    for seed in grid.seeds:
-                        runs.append(Run(method, dataset, protocol, shots, seed, tuple(grid.args)))
+                for backbone in grid.backbones or [None]:
+                    cell = {"common": tuple(grid.args), "backbone": backbone, "labelled": labelled}
+                    if not method.fit:
+                        runs.append(Run(method, dataset, protocol, None, None, **cell))
+                        continue
+                    for shots in grid.shots[protocol]:
+                        for seed in grid.seeds:
+                            runs.append(Run(method, dataset, protocol, shots, seed, **cell))
     return runs
 
 

@@ -8,6 +8,8 @@ Conventions (also stated at the top of every summary):
   per-dataset means, and its ``±`` is the sample std over seeds of the per-seed averages (seeds
   that every dataset has);
 * a method that learns nothing (zero-shot) has one value per dataset, shown at every shot count;
+* a grid with several ``backbones:`` shows every method once per backbone (``coop @ clip``) and a
+  methods × backbones table;
 * base-to-novel: per dataset, HM = 2·B·N / (B + N) of the dataset's mean base accuracy B and mean
   novel accuracy N (the true harmonic mean). Averaged over datasets it is given two ways:
   "HM of averages" (HM of the average B and average N, the convention of CoCoOp-style tables) and
@@ -20,6 +22,7 @@ method, protocol, shot count and metric, with its reference).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from functools import lru_cache, partial
@@ -177,6 +180,55 @@ def _expected_seeds(grid, method: str) -> int:
     return len(grid.seeds) if next(m for m in grid.methods if m.name == method).fit else 1
 
 
+# ------------------------------------------------------------------------ backbones axis
+def backbone_labels(grid) -> list[str]:
+    """The labels of the grid's backbones when it compares several (else none: one row per method)."""
+    backbones = getattr(grid, "backbones", None) or []
+    return [b.name for b in backbones] if len(backbones) > 1 else []
+
+
+def per_backbone(grid, table: pd.DataFrame):
+    """The grid and table with one "method" per method and backbone (``coop @ clip``), so that
+    every section shows each method on each backbone; unchanged for a grid with one backbone."""
+    labels = backbone_labels(grid)
+    if not labels:
+        return grid, table
+    methods = [dataclasses.replace(m, name=f"{m.name} @ {label}") for m in grid.methods for label in labels]
+    table = table.copy()
+    if len(table):
+        table["method"] = table["method"].astype(str) + " @ " + table["backbone_label"].astype(str)
+    return dataclasses.replace(grid, methods=methods), table
+
+
+def backbones_section(grid, series: dict, points: dict) -> str:
+    """Methods (rows) × backbones (columns): few-shot accuracy averaged over datasets and K, and
+    base-to-novel HM of the average base and novel accuracies."""
+    labels = backbone_labels(grid)
+    parts = ["## Methods × backbones"]
+    if series:
+        rows = []
+        for method in grid.methods:
+            row = [method.name]
+            for label in labels:
+                means = [mean for mean, _ in series.get(f"{method.name} @ {label}", {}).values()]
+                row.append(cell(float(pd.Series(means, dtype=float).mean())) if means and not any(
+                    math.isnan(m) for m in means) else "–")
+            rows.append(row)
+        parts += ["\nFew-shot: accuracy (%) averaged over the datasets and over K\n",
+                  markdown_table(["method", *labels], rows)]
+    if any(points.values()):
+        rows = []
+        for method in grid.methods:
+            row = [method.name]
+            for label in labels:
+                base, novel = points.get(f"{method.name} @ {label}", {}).get("average", (NAN, NAN))
+                row.append("–" if math.isnan(base) or math.isnan(novel) else cell(harmonic_mean(base, novel)))
+            rows.append(row)
+        parts += ["\nBase-to-novel: HM of the average base and novel accuracies (%)\n",
+                  markdown_table(["method", *labels], rows)]
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------- sections
 def fewshot_section(grid, table: pd.DataFrame, published_rows: bool) -> tuple[str, dict]:
     """Markdown of the few-shot tables and the plotted series {method: {K: (mean, std)}}."""
@@ -316,7 +368,8 @@ def failures_section(rows: list[dict]) -> str:
 
 def summary_markdown(grid, rows: list[dict], folder: Path) -> tuple[str, dict, dict]:
     """The whole summary.md text, the few-shot series and the base-to-novel points."""
-    table = frame(rows)
+    original = grid
+    grid, table = per_backbone(grid, frame(rows))
     datasets = [d.name for d in grid.datasets]
     published_rows = show_published(grid, datasets)
     ok = sum(r.get("status") == "ok" for r in rows)
@@ -342,6 +395,8 @@ def summary_markdown(grid, rows: list[dict], folder: Path) -> tuple[str, dict, d
     if "base2novel" in grid.protocols:
         text, points = base2novel_section(grid, table, published_rows)
         parts.append(text)
+    if backbone_labels(original):
+        parts.append(backbones_section(original, series, points))
     parts.append(cost_section(grid, table))
     failures = failures_section(rows)
     if failures:
@@ -441,7 +496,7 @@ def write_report(grid, rows: list[dict], folder: Path, overwrite: bool = False) 
         atomic_write(target, text)
         written.append(target)
     published_rows = show_published(grid, [d.name for d in grid.datasets])
-    fixed = frozenset(m.name for m in grid.methods if not m.fit)
+    fixed = frozenset(m.name for m in per_backbone(grid, pd.DataFrame())[0].methods if not m.fit)
     plots = []
     if any(not math.isnan(mean) for values in series.values() for mean, _ in values.values()):
         plots.append(("accuracy_vs_shots", partial(plot_accuracy_vs_shots, fixed=fixed), series,
