@@ -321,3 +321,18 @@ def test_conversion_refuses_another_vocabulary_and_non_clip_folders(hf_clip, tmp
     assert not (tmp_path / "out").exists()
     with pytest.raises(BackboneLoadError, match=r"hf-clip:.*not a transformers CLIPModel"):
         Backbone(f"hf-clip:{tmp_path / 'nothing-here'}")
+
+
+def test_methods_on_a_resnet_backbone_without_visual_prompts(resnet):
+    """Biomed-DPT with its visual prompt off, CLIP-SVD on the text tower only: they work; CLIP-SVD on
+    the ResNet image tower (no transformer matrices) is refused naming model.towers."""
+    from dpt_lightning import CLIPSVD, BiomedDPT
+
+    classes = ["circle", "square", "stripes", "cross"]
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    dpt = BiomedDPT(classnames=classes, backbone=resnet, dataset="demo", template="a photo of a {}.",
+                    vision_prompt="off")
+    svd = CLIPSVD(classnames=classes, backbone=resnet, towers=["text"])
+    assert dpt(images).shape == svd(images).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"CLIP-SVD: model.towers includes 'image'.*model.towers=\[text\]"):
+        CLIPSVD(classnames=classes, backbone=resnet)

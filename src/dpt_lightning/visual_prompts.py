@@ -51,7 +51,7 @@ def check_visual_prompts(backbone: BiomedCLIP, depth: int, n_prompts: int, mode:
         raise ValueError(f"{owner}: model.{mode_setting}={mode!r} is unknown: use 'insert' (tokens added "
                          "after CLS) or 'replace' (tokens overwrite patch tokens 1..N)")
     patches = backbone.num_patches
-    if mode == "replace" and n_prompts >= patches:
+    if mode == "replace" and n_prompts >= patches and depth > 0:  # depth 0: no tokens enter (e.g. a ResNet)
         raise ValueError(f"{owner}: model.{count_setting}={n_prompts} would replace all {patches} patch "
                          f"tokens: use fewer tokens or model.{mode_setting}=insert")
 

@@ -250,6 +250,11 @@ class SingularValueTuning(nn.Module):
                         keys.append(key)
                     if any(keys):
                         self.targets[tower].append((names[id(weight)], keys))
+            if not self.targets[tower]:  # e.g. a ResNet image tower: convolutions, no transformer matrices
+                raise ValueError(f"CLIP-SVD: model.towers includes {tower!r}, but the {tower} tower of backbone "
+                                 f"{getattr(backbone, 'name', '?')!r} has no transformer matrices among "
+                                 f"model.layers={layers} / model.matrices={list(matrices)} (a ResNet image tower "
+                                 "has none): leave it out, e.g. model.towers=[text]")
 
     @staticmethod
     def parameter_count(blocks: int, width: int, mlp_width: int) -> int:
