@@ -107,19 +107,26 @@ def test_base2novel_refuses_a_head_of_the_base_classes_on_novel_ones(cls, settin
 
 @pytest.mark.slow
 def test_demo_size_paper_table_through_dpt_bench(tmp_path, data_root, tiny_demo_backbone):
-    """Every method of the paper grid, as the grid lists it, one cell each on the demo data."""
+    """Every method of the paper grid, as the grid lists it, one cell each on the demo data, two
+    cells at a time (the workers split the cores). The searches are shortened where they dominate
+    a cell: one C for the linear probe, 20 x 20 (beta, alpha) points, 2 candidate alphas for
+    Tip-Adapter-F's trainings."""
     paper = load_grid(FEWSHOT)
+    quick = {"linear_probe": ["--model.init_args.c_grid=[1.0]", "--model.init_args.bisection_steps=0"],
+             "tip_adapter": ["--model.init_args.search_step=[20, 20]"],
+             "tip_adapter_f": ["--model.init_args.search_step=[20, 20]", "--model.init_args.init_alpha_scale=2"]}
     grid = tmp_path / "paper_demo.yaml"
     grid.write_text(yaml.safe_dump({
         "name": "paper_demo", "protocol": "fewshot",
-        "methods": [{"config": m.config, "name": m.name, "args": list(m.args)} for m in paper.methods],
+        "methods": [{"config": m.config, "name": m.name, "args": [*m.args, *quick.get(m.name, [])]}
+                    for m in paper.methods],
         "datasets": [str(ROOT / "datasets/demo.yaml")], "shots": [1], "seeds": [1],
         "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 1,
                     "enable_progress_bar": False, "enable_model_summary": False},
         "args": ["--data.num_workers=0"],
     }))
     out = tmp_path / "out"
-    assert bench.main([str(grid), "--out", str(out)]) == 0
+    assert bench.main([str(grid), "--out", str(out), "--workers", "2"]) == 0
     rows = {r["method"]: r for r in read_results(out)}
     assert set(rows) == {m.name for m in paper.methods}
     failed = {name: row["error"] for name, row in rows.items() if row["status"] != "ok"}
