@@ -4,8 +4,8 @@ runs each one: the ``dpt`` command's parser, ``Trainer.fit`` then ``Trainer.test
 
 The grid: CoOp, CoCoOp, KgCoOp, ProGrad and BiomedCoOp, each in its shipped configuration (its
 reference batch size) but ``--trainer.max_epochs`` reduced so that it fits CPU time, on the demo
-pictures (4 classes, K shots, one seed, validation each epoch, the test split at the end), on the
-backbone of the run (`random-biomedclip`: the full-size architecture, random weights; accuracy
+pictures (4 classes, K shots, one seed, no validation as in the shipped configs, the test split at
+the end), on the backbone of the run (`random-biomedclip`: the full-size architecture, random weights; accuracy
 means nothing). Each method runs twice, interleaved (off, on, off, on, ...), in the same process:
 
 * ``off``: ``cache_eval_features=false cache_train_features=false``: every view through the tower;
@@ -13,8 +13,7 @@ means nothing). Each method runs twice, interleaved (off, on, off, on, ...), in 
   and stores every view, the next ones read them.
 
 The grid bound: one image-tower pass per view (measured directly: the tower's forward over every
-training view of the fit, every validation and test image, once) plus what each method pays with
-every image feature served (its ``on`` run with a full store: text passes, loss, optimiser, data
+view the fits and tests see, once) plus what each method pays with every image feature served (its ``on`` run with a full store: text passes, loss, optimiser, data
 loading, the backbone load, Lightning). The first method's ``on`` run filled the store, so it is run
 once more with the full store for the bound. Both paths' test accuracies are compared cell by cell.
 """
@@ -51,8 +50,9 @@ def _scratch_cache(folder: Path) -> Path:
 
 def _image_pass(task: dict, runs) -> float:
     """Seconds of one forward pass of the frozen image tower over as many views as the grid's fits
-    see: the training split once per epoch, the validation split once per epoch, the test split
-    once (the first cell's data: same demo pictures, shots and seed). The batches are loaded first:
+    see: the training split once per epoch, the validation split once per epoch if the trainer
+    validates (the shipped configs do not), the test split once (the first cell's data: same
+    demo pictures, shots and seed). The batches are loaded first:
     data loading is paid by every run alike and is not part of the bound."""
     import torch
 
@@ -62,7 +62,9 @@ def _image_pass(task: dict, runs) -> float:
     model, data = cli.model, cli.datamodule
     data.use_transforms(model.backbone.train_transform(), model.backbone.test_transform())
     data.setup("fit")
-    per_epoch = [b["image"] for b in data.train_dataloader()] + [b["image"] for b in data.val_dataloader()]
+    per_epoch = [b["image"] for b in data.train_dataloader()]
+    if cli.trainer.limit_val_batches != 0:  # the shipped configs never validate
+        per_epoch += [b["image"] for b in data.val_dataloader()]
     data.setup("test")
     batches = per_epoch * int(task["train_grid_epochs"]) + [b["image"] for b in data.test_dataloader()]
     backbone = model.backbone.eval()
@@ -128,7 +130,7 @@ def report_training_grid(args, grid: dict) -> list[str]:
     out = ["", "## Training grid: the feature store", "",
            f"{len(cells)} text-side methods, each in its shipped configuration (reference batch size) with "
            f"`--trainer.max_epochs {args.train_grid_epochs}`, on the demo pictures (4 classes, K={args.train_grid_shots}, "
-           f"seed 1, validation every epoch, the test split at the end), through `dpt-bench`'s cell code "
+           f"seed 1, no validation as in the shipped configs, the test split at the end), through `dpt-bench`'s cell code "
            "(`bench.job.execute`: parse, fit, test). Store off / on alternate cell by cell in one process; "
            "the store starts empty. Bound: one image-tower forward over every view of the grid "
            f"({grid['image_pass_s']:.1f} s, measured directly) plus each method's run with every image feature "

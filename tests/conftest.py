@@ -33,3 +33,10 @@ def tiny_demo_backbone():
     from dpt_lightning.demo.pretrain import tiny_demo_dir
 
     return f"local-dir:{tiny_demo_dir()}"
+
+
+#: Shorter searches for the frozen-feature heads where a search dominates a cell's time in a test
+#: run (one C for the linear probe, 20 x 20 Tip-Adapter points, 2 candidate alphas for Tip-Adapter-F).
+QUICK_SEARCH = {"linear_probe": ["--model.init_args.c_grid=[1.0]", "--model.init_args.bisection_steps=0"],
+                "tip_adapter": ["--model.init_args.search_step=[20, 20]"],
+                "tip_adapter_f": ["--model.init_args.search_step=[20, 20]", "--model.init_args.init_alpha_scale=2"]}

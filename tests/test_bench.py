@@ -437,27 +437,29 @@ def test_summary_shows_methods_by_backbones(configs, tmp_path):
 
 @pytest.mark.slow
 def test_backbones_demo_grid_runs_on_both_tiny_families(tmp_path):
-    """benchmarks/backbones_demo.yaml, cut to zero-shot and CoOp, one seed and one short epoch: every
+    """benchmarks/backbones_demo.yaml, cut to zero-shot and CoOp, one seed and one short epoch, with
+    ``tiny-clip`` for ``tiny-clip-demo`` (the same family without its minute of pre-training): every
     cell runs on its backbone and summary.md shows methods × backbones."""
-    from dpt_lightning.demo.pretrain import tiny_clip_demo_dir, tiny_demo_dir
+    from dpt_lightning.demo.pretrain import tiny_demo_dir
 
-    tiny_demo_dir(), tiny_clip_demo_dir()  # generated once in this process, not by each cell
+    tiny_demo_dir()  # generated once in this process, not by each cell
     shipped = yaml.safe_load((ROOT / "benchmarks/backbones_demo.yaml").read_text())
     assert shipped["backbones"] == ["tiny-demo", "tiny-clip-demo"]
     grid = write(tmp_path / "grid.yaml", {
-        **shipped, "methods": [str(ROOT / "trainers/zeroshot.yaml"), str(ROOT / "trainers/coop.yaml")],
+        **shipped, "backbones": ["tiny-demo", "tiny-clip"],
+        "methods": [str(ROOT / "trainers/zeroshot.yaml"), str(ROOT / "trainers/coop.yaml")],
         "datasets": [str(ROOT / "datasets/demo.yaml")], "seeds": [1],
         "trainer": {**shipped["trainer"], "max_epochs": 1, "limit_train_batches": 2, "enable_progress_bar": False},
     })
     out = tmp_path / "out"
     assert bench.main([str(grid), "--out", str(out)]) == 0
     rows = {r["run_id"]: r for r in read_results(out)}
-    assert set(rows) == {"zeroshot_tiny-demo_demo_fewshot", "zeroshot_tiny-clip-demo_demo_fewshot",
-                         "coop_tiny-demo_demo_fewshot_K4_seed1", "coop_tiny-clip-demo_demo_fewshot_K4_seed1"}
+    assert set(rows) == {"zeroshot_tiny-demo_demo_fewshot", "zeroshot_tiny-clip_demo_fewshot",
+                         "coop_tiny-demo_demo_fewshot_K4_seed1", "coop_tiny-clip_demo_fewshot_K4_seed1"}
     assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
-    assert {r["backbone"] for r in rows.values()} == {"tiny-demo", "tiny-clip-demo"}
-    assert int(rows["coop_tiny-clip-demo_demo_fewshot_K4_seed1"]["trainable_params"]) == 4 * 32
+    assert {r["backbone"] for r in rows.values()} == {"tiny-demo", "tiny-clip"}
+    assert int(rows["coop_tiny-clip_demo_fewshot_K4_seed1"]["trainable_params"]) == 4 * 32
     summary = (out / "summary.md").read_text()
-    assert "## Methods × backbones" in summary and "| method | tiny-demo | tiny-clip-demo |" in summary
+    assert "## Methods × backbones" in summary and "| method | tiny-demo | tiny-clip |" in summary
     assert re.search(r"\| coop \| \d+\.\d\d \| \d+\.\d\d \|", summary)
     assert re.search(r"\| zeroshot \| \d+\.\d\d \| \d+\.\d\d \|", summary)

@@ -1,8 +1,10 @@
 """Every shipped method config runs unchanged on the offline demo through the ``dpt`` command's
 ``main()``, on both tiny tower families: with ``tiny-demo`` (BiomedCLIP's BERT + timm ViT) fit (one
 short epoch), test, predict, export, and the export loads back; with ``tiny-clip-demo`` (open_clip's
-own text transformer + VisionTransformer) fit on one batch, then predict from the checkpoint, whose
-accuracy must be the fit's test accuracy (kept cheap: the suite's time budget). A method that learns
+own text transformer + VisionTransformer; ``tiny-clip``, the same random weights that ``tiny-clip-demo``
+pre-trains: accuracy does not matter here) fit on one batch with the shorter searches of
+``conftest.QUICK_SEARCH``, then predict from the checkpoint, whose accuracy must be the fit's test
+accuracy (kept cheap: the suite's time budget). A method that learns
 nothing (zero-shot) is tested and predicted only."""
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("tiny_demo_backbone")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.glob("trainers/*.yaml"))
 #: The backbones every config runs on: one per tower family (the demo config's own is the first).
-BACKBONES = ["tiny-demo", "tiny-clip-demo"]
+BACKBONES = ["tiny-demo", "tiny-clip"]
 QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--data.num_workers", "0",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -42,23 +44,17 @@ def test_every_method_has_a_config():
     assert methods - {dpt_lightning.PromptTrainer} <= shipped
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_demo_backbone():
-    """Builds ``tiny-clip-demo`` once, in this process (as ``tiny_demo_backbone`` for ``tiny-demo``)."""
-    from dpt_lightning.demo.pretrain import tiny_clip_demo_dir
-
-    return f"local-dir:{tiny_clip_demo_dir()}"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_runs_on_the_demo_unchanged(config, backbone, tmp_path, request):
+def test_config_runs_on_the_demo_unchanged(config, backbone, tmp_path):
+    from conftest import QUICK_SEARCH
+
     other_family = backbone != BACKBONES[0]
     quick = QUICK
     if other_family:
-        request.getfixturevalue("tiny_clip_demo_backbone")
-        quick = [*QUICK, "--model.init_args.backbone", backbone, "--trainer.limit_train_batches", "1"]
+        quick = [*QUICK, "--model.init_args.backbone", backbone, "--trainer.limit_train_batches", "1",
+                 *QUICK_SEARCH.get(config.stem, [])]
     common = ["--config", str(config), "--config", str(ROOT / "datasets/demo.yaml"), *quick]
     out = tmp_path / "predictions.csv"
     if not method_class(config).learns:

@@ -428,3 +428,27 @@ def test_config_fits_tests_and_predicts_on_the_demo(name, tmp_path, tiny_demo_ba
     table = pd.read_csv(out)
     accuracy = (table["prediction"] == table["path"].map(lambda p: Path(p).parent.name)).mean()
     assert len(table) == 48 and accuracy == pytest.approx(fitted, abs=1e-6)
+
+
+def test_a_head_that_ends_non_finite_stops_the_fit_with_a_clear_error(tmp_path, monkeypatch):
+    """The frozen-feature heads train in their own loop inside one step: a NaN in the result is
+    refused there, as a prompt method's step refuses a NaN loss."""
+    import lightning as L
+
+    from dpt_lightning import DemoDataModule
+    from dpt_lightning.methods.base import NonFiniteLossError
+
+    model = make(LPPlusPlus)
+    fit = model.fit_features
+
+    def diverging(*args, **kwargs):
+        summary = fit(*args, **kwargs)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return summary
+
+    monkeypatch.setattr(model, "fit_features", diverging)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match="non-finite .* after the fit of LPPlusPlus"):
+        trainer.fit(model, datamodule=DemoDataModule(num_shots=1, batch_size=4, num_workers=0))

@@ -112,9 +112,8 @@ def test_demo_size_paper_table_through_dpt_bench(tmp_path, data_root, tiny_demo_
     a cell: one C for the linear probe, 20 x 20 (beta, alpha) points, 2 candidate alphas for
     Tip-Adapter-F's trainings."""
     paper = load_grid(FEWSHOT)
-    quick = {"linear_probe": ["--model.init_args.c_grid=[1.0]", "--model.init_args.bisection_steps=0"],
-             "tip_adapter": ["--model.init_args.search_step=[20, 20]"],
-             "tip_adapter_f": ["--model.init_args.search_step=[20, 20]", "--model.init_args.init_alpha_scale=2"]}
+    from conftest import QUICK_SEARCH as quick
+
     grid = tmp_path / "paper_demo.yaml"
     grid.write_text(yaml.safe_dump({
         "name": "paper_demo", "protocol": "fewshot",

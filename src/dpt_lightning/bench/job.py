@@ -369,12 +369,15 @@ def run_cell(folder: Path, run: Run, executor=None, job: str = "", resume: str |
         claim.release()
 
 
-def record_failure(folder: Path, run: Run, message: str, job: str = "", session: str | None = None) -> dict | None:
+def record_failure(folder: Path, run: Run, message: str, job: str = "", session: str | None = None,
+                   dead_pid: int | None = None) -> dict | None:
     """Store a failed row for a cell whose process died without recording one (a killed worker);
-    None if the cell finished meanwhile or another live process holds it."""
+    None if the cell finished meanwhile or another live process holds it. ``dead_pid``: the dead
+    process, not yet reaped, whose claim is taken over directly (so that no other worker can
+    claim the cell before its failure is recorded)."""
     folder = Path(folder)
     claim = CellClaim(cell_dir(folder, run.run_id), job=job)
-    if not claim.acquire():
+    if not claim.acquire(dead=frozenset() if dead_pid is None else frozenset({dead_pid})):
         return None
     try:
         fingerprint = run.fingerprint()

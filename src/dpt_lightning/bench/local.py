@@ -312,16 +312,20 @@ class WorkerPool:
 
     def _reap(self) -> None:
         for worker in list(self.workers.values()):
-            code = worker.process.poll()
+            code = exit_status(worker.process)  # not reaped yet: its claim still counts as alive
             if code is None:
                 continue
             if not worker.eof:  # read what it said before it ended
                 self._pump(0.0)
                 if not worker.eof:
                     continue
+            lost = code != 0 and not self.stopping
+            if lost:  # record its cell's failure before another worker could take the cell over
+                self._record_lost(worker, code)
+            worker.process.wait()
             self._forget(worker)
-            if code != 0 and not self.stopping:
-                self._lost(worker, code)
+            if lost:
+                self._replace(worker)
 
     def _forget(self, worker: _Worker) -> None:
         if not worker.eof:
@@ -331,26 +335,46 @@ class WorkerPool:
         if worker.current:
             release_claims_of(cell_dir(self.folder, worker.current), {worker.process.pid})
 
-    def _lost(self, worker: _Worker, code: int) -> None:
-        """A worker that died: its cell is recorded as failed; a replacement starts if cells remain."""
+    def _record_lost(self, worker: _Worker, code: int) -> None:
+        """A worker that died: its cell is recorded as failed (its claim taken over directly)."""
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if worker.current in self.runs:
             from dpt_lightning.bench.job import record_failure
 
             message = (f"the worker process running this cell died ({how}; killed, or out of memory?); "
                        f"its output: {worker.log}")
-            row = record_failure(self.folder, self.runs[worker.current], message, session=self.session)
+            row = record_failure(self.folder, self.runs[worker.current], message, session=self.session,
+                                 dead_pid=worker.process.pid)
             if row is not None:
                 self.counts["executed"] += 1
                 self.counts["failed"] += 1
                 self.progress.finish(worker.current, row)
         else:
             print(f"dpt-bench: worker {worker.slot} ended with {how}; see {worker.log}", file=self.stream, flush=True)
+
+    def _replace(self, worker: _Worker) -> None:
+        """A replacement for a dead worker, if cells remain."""
         left = [run for run in pending(self.grid, self.folder, self.session)
                 if CellClaim(cell_dir(self.folder, run.run_id)).holder() is None]
         if left and self.restarts[worker.slot] < MAX_RESTARTS:
             self.restarts[worker.slot] += 1
             self.spawn(worker.slot)
+
+
+def exit_status(process: subprocess.Popen) -> int | None:
+    """The exit status of a child (negative: the signal), or None while it runs, WITHOUT reaping
+    it where the system allows (``waitid`` with ``WNOWAIT``): until reaped, its pid stays taken and
+    its claims count as alive for other processes."""
+    if process.returncode is not None or not hasattr(os, "waitid"):
+        return process.poll()
+    try:
+        info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return process.poll()
+    if info is None or info.si_pid == 0:
+        return None
+    killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+    return -info.si_status if killed else info.si_status
 
 
 def _signal(process: subprocess.Popen, sig: int) -> None:

@@ -212,14 +212,17 @@ class CellClaim:
             return True
         return age > self.stale_after
 
-    def acquire(self) -> bool:
+    def acquire(self, dead: frozenset[int] = frozenset()) -> bool:
+        """Claim the cell. ``dead``: pids of this host known to have ended whose claims count as
+        stale even before their parent reaps them (a dead worker's cell, taken over by its pool)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         found = self.claims()
         number = 0
         if found:
             top_number, top = found[-1]
             info = _read_claim(top)
-            if info is not None and not self.is_stale(top, info):
+            taken_over = info is not None and info.get("host") == socket.gethostname() and info.get("pid") in dead
+            if info is not None and not taken_over and not self.is_stale(top, info):
                 return False
             if info is None and _young(top, self.stale_after):  # being written right now
                 return False

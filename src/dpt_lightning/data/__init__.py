@@ -2,9 +2,9 @@
 
 Modules: ``splits`` (items, few-shot selection, base/novel labels, THE split builder, split files),
 ``dataset`` (dataset and epoch-seeded sampler), ``checks`` (problems of a split, the class rule),
-``images`` (reading any image as RGB), ``transforms`` (reference transforms), ``errors``
+``images`` (reading any image as RGB), ``errors``
 (`DataError`), ``datamodule`` (`MedicalDataModule`), ``benchmarks``, ``folder`` (image folder,
-CSV), ``demo``, ``facts``.
+CSV), ``demo``, ``facts``. The reference transforms live in `dpt_lightning.recipe`.
 """
 from dpt_lightning.data.benchmarks import (BENCHMARK_DATAMODULES, BenchmarkDataModule, BTMRIDataModule,
                                            BUSIDataModule, CHMNISTDataModule, COVID19DataModule,

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from dpt_lightning.methods.base import PromptTrainer
+from dpt_lightning.methods.base import NonFiniteLossError, PromptTrainer
 from dpt_lightning.methods.checkpoints import CheckpointMismatchError
 
 
@@ -287,8 +287,14 @@ class FrozenFeatureTrainer(PromptTrainer):
         for optimizer in self.head_optimizers():  # the fit is over: keep checkpoints small
             getattr(optimizer, "optimizer", optimizer).state.clear()
         summary = {"train_views_encoded": float(views.encoded), **summary}
+        loss = torch.tensor(float(summary["train_loss"]))
+        bad = (["train_loss"] if not torch.isfinite(loss) else []) + [
+            name for name, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:  # the head's own loop ran all its epochs in this one step: refuse its result
+            raise NonFiniteLossError(f"non-finite {', '.join(bad)} after the fit of {type(self).__name__}; "
+                                     "lower model.lr or check the features (e.g. --trainer.precision 32-true)")
         self.log_dict({k: float(v) for k, v in summary.items()}, on_step=True, on_epoch=False)
-        return torch.tensor(float(summary["train_loss"]))
+        return loss
 
     # ------------------------------------------------------- optimisation
     def head_optimizers(self) -> list:
