@@ -1,8 +1,8 @@
 """Every shipped method config runs unchanged on the offline demo through the ``dpt`` command's
 ``main()``, on both tiny tower families: with ``tiny-demo`` (BiomedCLIP's BERT + timm ViT) fit (one
-short epoch), test, predict, export, and the export loads back; with ``tiny-clip-demo`` (open_clip's
-own text transformer + VisionTransformer; ``tiny-clip``, the same random weights that ``tiny-clip-demo``
-pre-trains: accuracy does not matter here) fit on one batch with the shorter searches of
+short epoch), test, predict, export, and the export loads back; with ``tiny-clip`` (open_clip's
+own text transformer + VisionTransformer, the random weights that ``tiny-clip-demo`` pre-trains:
+accuracy does not matter here) fit on one batch with the shorter searches of
 ``conftest.QUICK_SEARCH``, then predict from the checkpoint, whose accuracy must be the fit's test
 accuracy (kept cheap: the suite's time budget). A method that learns
 nothing (zero-shot) is tested and predicted only."""
