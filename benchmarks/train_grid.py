@@ -48,7 +48,7 @@ def _scratch_cache(folder: Path) -> Path:
     return folder
 
 
-def _image_pass(task: dict, runs) -> float:
+def _image_pass(task: dict, runs, scratch: Path) -> float:
     """Seconds of one forward pass of the frozen image tower over as many views as the grid's fits
     see: the training split once per epoch, the validation split once per epoch if the trainer
     validates (the shipped configs do not), the test split once (the first cell's data: same
@@ -58,7 +58,7 @@ def _image_pass(task: dict, runs) -> float:
 
     from dpt_lightning.bench import job
 
-    cli = job.build([*runs[0].stages(Path(tempfile.mkdtemp()))[0][1], *_store_args("off")])
+    cli = job.build([*runs[0].stages(scratch)[0][1], *_store_args("off")])
     model, data = cli.model, cli.datamodule
     data.use_transforms(model.backbone.train_transform(), model.backbone.test_transform())
     data.setup("fit")
@@ -95,7 +95,7 @@ def measure_training_grid(task: dict) -> dict:
         os.environ["DPT_CACHE_DIR"] = str(_scratch_cache(tmp / "cache"))
         (tmp / "grid.yaml").write_text(yaml.safe_dump(grid_config))
         runs = expand(load_grid(tmp / "grid.yaml"))
-        result["image_pass_s"] = _image_pass(task, runs)
+        result["image_pass_s"] = _image_pass(task, runs, tmp / "image_pass")
 
         def cell(run, state: str, tag: str = "") -> dict:
             run_dir = tmp / "runs" / f"{run.run_id}_{state}{tag}"
