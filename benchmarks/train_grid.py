@@ -140,7 +140,7 @@ def report_training_grid(args, grid: dict) -> list[str]:
         note = f" (full store: {c['on_full_store']['wall_s']:.1f})" if "on_full_store" in c else ""
         out.append(f"| {name} | {c['off']['wall_s']:.1f} | {c['on']['wall_s']:.1f}{note} | "
                    f"{c['off']['wall_s'] / c['on']['wall_s']:.2f} | {c['off']['acc']:.4f} | {c['on']['acc']:.4f} |")
-    out += ["", f"| grid | store off (s) | store on (s) | bound (s) | off/on | on/bound |", "|---|---|---|---|---|---|",
+    out += ["", "| grid | store off (s) | store on (s) | bound (s) | off/on | on/bound |", "|---|---|---|---|---|---|",
             f"| {len(cells)} methods | {off:.1f} | {on:.1f} | {bound:.1f} | {off / on:.2f} | {on / bound:.2f} |", "",
             f"Test accuracies {'identical on both paths for every method' if same else 'DIFFER between the paths'}. "
             f"Store after the grid: {grid['store_bytes'] / 2**20:.1f} MiB in {grid['store_shards']} shard(s). "
