@@ -13,9 +13,12 @@ means nothing). Each method runs twice, interleaved (off, on, off, on, ...), in 
   and stores every view, the next ones read them.
 
 The grid bound: one image-tower pass per view (measured directly: the tower's forward over every
-view the fits and tests see, once) plus what each method pays with every image feature served (its ``on`` run with a full store: text passes, loss, optimiser, data
-loading, the backbone load, Lightning). The first method's ``on`` run filled the store, so it is run
-once more with the full store for the bound. Both paths' test accuracies are compared cell by cell.
+view the fits and tests see, once) plus what each method pays with every image feature served (its
+``on`` run with a full store: text passes, loss, optimiser, data loading, the backbone copy,
+Lightning). The first method's ``on`` run filled the store, so it is run once more with the full
+store for the bound. The backbone is read once: every cell gets a copy of the model the process
+keeps, as in ``dpt-bench`` (`keep_loaded_model`); the load times are reported. Both paths' test
+accuracies are compared cell by cell.
 """
 from __future__ import annotations
 
@@ -75,6 +78,37 @@ def _image_pass(task: dict, runs, scratch: Path) -> float:
     return time.perf_counter() - started
 
 
+def _load_seconds(name: str, repeats: int = 3) -> dict:
+    """Median seconds of loading the backbone three ways: building it with its random
+    initialisation (as before `SkipRandomInit`), without it (a cold load now), and as a copy of
+    the model a `dpt-bench` process keeps (every later cell)."""
+    import contextlib
+    import statistics
+
+    from dpt_lightning.backbone import loading
+
+    def timed(load) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            load()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    skip = loading.SkipRandomInit
+    loading.SkipRandomInit = contextlib.nullcontext
+    try:
+        initialised = timed(lambda: loading.load_open_clip(name))
+    finally:
+        loading.SkipRandomInit = skip
+    cold = timed(lambda: loading.load_open_clip(name))
+    with loading.keep_loaded_model():
+        loading.load_open_clip(name)
+        kept = timed(lambda: loading.load_open_clip(name))
+    loading.forget_loaded_model()
+    return {"random_init": initialised, "cold": cold, "kept": kept}
+
+
 def measure_training_grid(task: dict) -> dict:
     """Wall seconds of every cell with the store off and on (interleaved), the grid bound, and the
     test accuracy of each cell on both paths."""
@@ -95,6 +129,7 @@ def measure_training_grid(task: dict) -> dict:
         os.environ["DPT_CACHE_DIR"] = str(_scratch_cache(tmp / "cache"))
         (tmp / "grid.yaml").write_text(yaml.safe_dump(grid_config))
         runs = expand(load_grid(tmp / "grid.yaml"))
+        result["load_s"] = _load_seconds(task["backbone"])
         result["image_pass_s"] = _image_pass(task, runs, tmp / "image_pass")
 
         def cell(run, state: str, tag: str = "") -> dict:
@@ -145,4 +180,10 @@ def report_training_grid(args, grid: dict) -> list[str]:
             f"Test accuracies {'identical on both paths for every method' if same else 'DIFFER between the paths'}. "
             f"Store after the grid: {grid['store_bytes'] / 2**20:.1f} MiB in {grid['store_shards']} shard(s). "
             "Targets (issue 17): off/on >= 3 and on/bound <= 1.3."]
+    if "load_s" in grid:
+        load = grid["load_s"]
+        out += ["", "Each cell's backbone (median of 3 loads, measured before the grid): "
+                f"{load['random_init']:.2f} s built with its random initialisation, {load['cold']:.2f} s without it "
+                f"(a cold load: `SkipRandomInit`), {load['kept']:.2f} s as a copy of the model the process keeps "
+                "(`keep_loaded_model`: every cell after the first, with the store off or on)."]
     return out

@@ -319,10 +319,16 @@ def test_report_never_overwrites_a_summary_unless_asked(configs, tmp_path):
 @pytest.mark.slow
 def test_real_grid_through_the_dpt_code_then_resume(tmp_path, capsys, monkeypatch):
     """CoOp and zero-shot, base-to-novel on the demo data: fit on base, the same checkpoint on novel;
-    the cells share one feature store (in a cache of their own here), which --clear-cache empties."""
+    the cells share one feature store (in a cache of their own here), which --clear-cache empties,
+    and one backbone load (each stage gets a copy of the model the process keeps)."""
+    from dpt_lightning.backbone import loading
     from dpt_lightning.features import store_size
 
     monkeypatch.setenv("DPT_CACHE_DIR", str(tmp_path / "cache"))
+    loading.forget_loaded_model()
+    loads = []
+    real_load = loading._load
+    monkeypatch.setattr(loading, "_load", lambda *a: loads.append(a[0]) or real_load(*a))
     grid = write(tmp_path / "grid.yaml", {
         "name": "tiny", "protocol": "base2novel",
         "methods": [str(ROOT / "trainers/zeroshot.yaml"), str(ROOT / "trainers/coop.yaml")],
@@ -333,6 +339,7 @@ def test_real_grid_through_the_dpt_code_then_resume(tmp_path, capsys, monkeypatc
     })
     out = tmp_path / "out"
     assert bench.main([str(grid), "--out", str(out)]) == 0
+    assert loads == ["tiny"]  # three stages (zero-shot; CoOp's fit, its novel test), one backbone load
     rows = {r["run_id"]: r for r in read_results(out)}
     assert set(rows) == {"zeroshot_demo_base2novel", "coop_demo_base2novel_K2_seed1"}
     coop = rows["coop_demo_base2novel_K2_seed1"]

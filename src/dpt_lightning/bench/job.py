@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
+from dpt_lightning.backbone.loading import keep_loaded_model
 from dpt_lightning.bench.folder import CELL, cell_dir, is_done, read_result, write_result
 from dpt_lightning.bench.grid import Run
 from dpt_lightning.bench.lock import CellClaim
@@ -194,7 +195,14 @@ def run_stages(stages: list[tuple[str, list[str], str]], run_dir: Path) -> dict:
     ``stages``: ``(subcommand, args, prefix)``. The first stage is ``fit`` or ``test``; a later
     ``test`` stage with ``{ckpt}`` in its args gets the first stage's last checkpoint;
     ``--ckpt_path`` in a stage's args is passed to ``trainer.fit`` / ``trainer.test``.
+    The process keeps the backbone it loaded (`keep_loaded_model`): the grid's next stage or cell
+    on the same backbone gets a copy instead of loading it again.
     """
+    with keep_loaded_model():
+        return _run_stages(stages, run_dir)
+
+
+def _run_stages(stages: list[tuple[str, list[str], str]], run_dir: Path) -> dict:
     row: dict = {"eval_seconds": 0.0, "peak_rss_mb": 0.0}
     checkpoint: Path | None = None
     for index, (subcommand, args, prefix) in enumerate(stages):
