@@ -573,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     suffix = "_train_grid" if args.train_grid_only else "_quick" if args.quick else ""
+    if args.train_grid_only and args.train_grid_epochs != 10:  # 10: the README's measurement
+        suffix += f"_{args.train_grid_epochs}_epochs"
     output = Path(args.output or HERE / "results" / f"speed_{args.device}{suffix}.md")
     raw_path = Path(tempfile.gettempdir()) / f"dpt_speed_{args.device}.json"
     if args.render:
