@@ -26,6 +26,25 @@ def tiny():
     return BiomedCLIP("tiny")
 
 
+#: A tiny open_clip ModifiedResNet (RN50's layout at width 8, 64 px) with a 2-layer text transformer.
+RESNET_RECIPE = {
+    "model_cfg": {"embed_dim": 32,
+                  "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def resnet(tmp_path_factory) -> str:
+    """A ``local-dir:`` backbone with open_clip's ResNet image tower (`RESNET_RECIPE`)."""
+    from dpt_lightning.demo.models import write_clip_dir
+
+    folder = tmp_path_factory.mktemp("tiny-rn")
+    write_clip_dir(folder, RESNET_RECIPE)
+    return f"local-dir:{folder}"
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_backbone():
     """Builds the demo's pre-trained tiny backbone (``tiny-demo``) once, in this process, before

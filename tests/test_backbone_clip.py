@@ -13,7 +13,7 @@ import torch
 from dpt_lightning import CoOp, VPT
 from dpt_lightning.backbone import Backbone, BackboneLoadError, download_backbone
 from dpt_lightning.backbone.convert import ConversionError, convert_hf_clip, open_clip_model_cfg, open_clip_state_dict
-from dpt_lightning.demo.models import TINY_CLIP_RECIPE, tiny_clip_dir, write_clip_dir
+from dpt_lightning.demo.models import TINY_CLIP_RECIPE, tiny_clip_dir
 
 TEXTS = ["a photo of a glioma tumor.", "a chest x-ray of normal lungs affected by covid-19 in the lung!", "cat"]
 CLASSES = ["glioma tumor", "normal brain", "pituitary tumor"]
@@ -36,22 +36,6 @@ def clip() -> Backbone:
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-
-
-#: A tiny open_clip ModifiedResNet (RN50's layout at width 8, 64 px) with a 2-layer text transformer.
-RESNET_RECIPE = {
-    "model_cfg": {"embed_dim": 32,
-                  "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
-                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
-    "seed": 0,
-}
-
-
-@pytest.fixture(scope="module")
-def resnet(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-rn")
-    write_clip_dir(folder, RESNET_RECIPE)
-    return f"local-dir:{folder}"
 
 
 # ----------------------------------------------------------------------------------------- facts

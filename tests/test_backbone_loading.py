@@ -12,22 +12,7 @@ import torch
 
 from dpt_lightning.backbone import loading
 from dpt_lightning.backbone.loading import SkipRandomInit, forget_loaded_model, keep_loaded_model, load_open_clip
-from dpt_lightning.demo.models import tiny_model_dir, write_clip_dir
-
-#: A tiny open_clip ModifiedResNet with a 2-layer text transformer (as tests/test_backbone_clip.py).
-RESNET_RECIPE = {
-    "model_cfg": {"embed_dim": 32,
-                  "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
-                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
-    "seed": 0,
-}
-
-
-@pytest.fixture(scope="module")
-def resnet(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-rn")
-    write_clip_dir(folder, RESNET_RECIPE)
-    return f"local-dir:{folder}"
+from dpt_lightning.demo.models import tiny_model_dir
 
 
 def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -35,7 +20,7 @@ def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **{f"buffer:{k}": v for k, v in model.named_buffers()}}
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-clip", "resnet"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-clip", "resnet"])  # resnet: tests/conftest.py
 def test_skipping_the_random_init_loads_the_same_model(name, resnet, monkeypatch):
     name = resnet if name == "resnet" else name
     skipped = tensors(load_open_clip(name)[0])
