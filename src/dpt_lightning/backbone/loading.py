@@ -266,7 +266,7 @@ class SkipRandomInit(TorchFunctionMode):
 
 #: The model `keep_loaded_model` keeps: ``{key: (model, tokenizer, preprocess_cfg)}``, one entry.
 _KEPT: dict = {}
-_KEEPING = [False]
+_keeping = False  # inside `keep_loaded_model`?
 
 
 @contextmanager
@@ -276,11 +276,12 @@ def keep_loaded_model():
     and building the model again. For processes that run many runs in a row (``dpt-bench``'s
     cells): every run gets its own copy, so what one run does to its model (a precision cast,
     CLIP-SVD's singular values) never reaches the next. A folder whose files changed is loaded anew."""
-    before, _KEEPING[0] = _KEEPING[0], True
+    global _keeping
+    before, _keeping = _keeping, True
     try:
         yield
     finally:
-        _KEEPING[0] = before
+        _keeping = before
 
 
 def forget_loaded_model() -> None:
@@ -294,7 +295,8 @@ def _kept_key(model_name: str, kwargs: dict) -> str:
     files = []
     if model_name.startswith("local-dir:"):
         folder = Path(model_name[len("local-dir:"):])
-        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+        stats = ((f.name, f.stat()) for f in folder.iterdir() if f.is_file())
+        files = sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
     return json.dumps([model_name, kwargs, str(torch.get_default_dtype()), files], sort_keys=True, default=str)
 
 
@@ -306,7 +308,7 @@ def load_open_clip(name: str):
     draws after it (prompt initialisation), whatever the libraries' initialisation order. Within
     `keep_loaded_model`, a backbone loaded before is served as a copy."""
     model_name, kwargs, folder = _open_clip_arguments(name)
-    key = _kept_key(model_name, kwargs) if _KEEPING[0] else None
+    key = _kept_key(model_name, kwargs) if _keeping else None
     if key is None or key not in _KEPT:
         loaded = _load(name, model_name, kwargs, folder)
         if key is None:
