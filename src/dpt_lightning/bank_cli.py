@@ -19,6 +19,7 @@ import sys
 
 from dpt_lightning.data.facts import dataset_facts
 from dpt_lightning.descriptions import (
+    SHIPPED_ALIASES,
     DescriptionBankError,
     builtin_bank_names,
     import_bank,
@@ -45,6 +46,9 @@ def _classes(args: argparse.Namespace) -> list[str] | None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     for name in builtin_bank_names():
+        if name in SHIPPED_ALIASES:
+            print(f"{name}: the {SHIPPED_ALIASES[name]} bank")
+            continue
         bank = load_bank(name)
         print(f"{name}: {len(bank)} classes, {sum(map(len, bank.values()))} sentences")
     return 0

@@ -1,10 +1,13 @@
 """The description bank: ``{classname: [sentences]}`` per dataset, shipped JSON files or the user's.
 
 Format (UTF-8 JSON): one object whose keys are class names and whose values are non-empty lists of
-sentences, e.g. ``{"glioma tumor": ["An irregular ring-enhancing mass ...", ...], ...}``. Class
-names are matched without regard to case or surrounding spaces; a bank may hold more classes than
-a dataset needs (one bank for several datasets is fine), but a bank missing any class is an error
-that lists every missing class.
+sentences, e.g. ``{"glioma tumor": ["An irregular ring-enhancing mass ...", ...], ...}``. A value
+may instead be the name of another class of the bank, an alias (``"Pleural Effusion": "Effusion"``:
+CheXpert's name for ChestX-ray14's finding); `validate_bank` resolves aliases into lists. Class
+names are matched without regard to case, surrounding spaces or ``_`` for a space
+(``Pleural_Thickening`` is ``Pleural Thickening``); a bank may hold more classes than a dataset
+needs (one bank for several datasets is fine), but a bank missing any class is an error that lists
+every missing class. A shipped bank may serve several datasets under their names (`SHIPPED_ALIASES`).
 
 The reference repositories keep their sentences in a Python module (``prompt_templates.py``, dicts
 such as ``BIOMEDDPT_TEMPLATES``). `import_bank` reads such a module as DATA: the file is parsed with
@@ -26,28 +29,45 @@ class DescriptionBankError(ValueError):
     """A description bank that cannot be used, with the reason."""
 
 
+#: Datasets served by another dataset's shipped bank: name -> the bank's name.
+SHIPPED_ALIASES = {"chexpert": "chestxray14", "demo_multilabel": "demo"}
+
+
 def builtin_bank_names() -> list[str]:
-    """Names of the banks shipped with the package (one per benchmark dataset)."""
+    """Names of the banks shipped with the package (one per dataset; `SHIPPED_ALIASES` included)."""
     folder = resources.files("dpt_lightning") / "descriptions"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    return sorted([p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json")] + list(SHIPPED_ALIASES))
+
+
+def class_key(name: str) -> str:
+    """The form in which class names are matched: lower case, ``_`` as a space, spaces collapsed."""
+    return " ".join(name.replace("_", " ").lower().split())
 
 
 def validate_bank(bank: object, source: str) -> dict[str, list[str]]:
-    """Check that ``bank`` is a dict of non-empty lists of non-empty strings."""
+    """Check that ``bank`` is a dict of non-empty lists of non-empty strings, or of aliases (the
+    name of another class of the bank that has sentences); returns it with each alias replaced
+    by its class's sentences."""
     if not isinstance(bank, dict):
         raise DescriptionBankError(f"{source}: a description bank is a JSON object {{classname: [sentences]}}, "
                                    f"got {type(bank).__name__}")
     problems = []
+    lists = {class_key(name): name for name, value in bank.items()
+             if isinstance(name, str) and isinstance(value, list)}
     for name, sentences in bank.items():
         if not isinstance(name, str) or not name.strip():
             problems.append(f"class name {name!r} is not a non-empty string")
+        elif isinstance(sentences, str):
+            if class_key(sentences) not in lists:
+                problems.append(f"{name!r}: an alias names a class of the bank that has sentences; "
+                                f"{sentences!r} is none")
         elif not isinstance(sentences, list) or not sentences:
             problems.append(f"{name!r}: expected a non-empty list of sentences")
         elif not all(isinstance(s, str) and s.strip() for s in sentences):
             problems.append(f"{name!r}: every sentence must be a non-empty string")
     if problems:
         raise DescriptionBankError(f"{source}: " + "; ".join(problems))
-    return bank
+    return {name: bank[lists[class_key(value)]] if isinstance(value, str) else value for name, value in bank.items()}
 
 
 def load_bank(source: str) -> dict[str, list[str]]:
@@ -62,6 +82,7 @@ def load_bank(source: str) -> dict[str, list[str]]:
     if name not in builtin_bank_names():
         raise DescriptionBankError(f"no shipped description bank {source!r}; shipped: {builtin_bank_names()}; "
                                    "or pass a path to a JSON file")
+    name = SHIPPED_ALIASES.get(name, name)
     text = (resources.files("dpt_lightning") / "descriptions" / f"{name}.json").read_text(encoding="utf-8")
     return validate_bank(json.loads(text), f"shipped bank {name}")
 
@@ -78,20 +99,20 @@ def _read_json(path: Path) -> object:
 
 def sentences_for(bank: dict[str, list[str]], classnames: list[str], source: str = "bank") -> list[list[str]]:
     """The sentences of each class in order; every missing class is named in one error. Names
-    match without regard to case and surrounding spaces; a class that matches two entries of the
-    bank (``Normal`` and ``normal``) is an error too."""
+    match as `class_key` (without regard to case, surrounding spaces, ``_`` for a space); a class
+    that matches two entries of the bank (``Normal`` and ``normal``) is an error too."""
     keys: dict[str, list[str]] = {}
     for key in bank:
-        keys.setdefault(key.lower().strip(), []).append(key)
-    missing = [name for name in classnames if name.lower().strip() not in keys]
+        keys.setdefault(class_key(key), []).append(key)
+    missing = [name for name in classnames if class_key(name) not in keys]
     if missing:
         raise DescriptionBankError(f"{source} has no sentences for {len(missing)} class(es): {missing}. "
                                    f"It has: {sorted(bank)}")
-    ambiguous = {name: keys[name.lower().strip()] for name in classnames if len(keys[name.lower().strip()]) > 1}
+    ambiguous = {name: keys[class_key(name)] for name in classnames if len(keys[class_key(name)]) > 1}
     if ambiguous:
-        raise DescriptionBankError(f"{source}: these classes match several entries that differ only in case "
-                                   f"or spaces: {ambiguous}; keep one of each")
-    return [bank[keys[name.lower().strip()][0]] for name in classnames]
+        raise DescriptionBankError(f"{source}: these classes match several entries that differ only in case, "
+                                   f"spaces or '_': {ambiguous}; keep one of each")
+    return [bank[keys[class_key(name)][0]] for name in classnames]
 
 
 def resolve_sentences(descriptions: str, dataset: str | None, classnames: list[str],

@@ -7,8 +7,9 @@ file, benchmark fallback, image folder, CSV with or without a split column):
 
     every class a run uses needs at least one image in every split the run uses,
 
-with "the splits a run uses" given by `needed_splits` for each Lightning stage. `single_class_problem`
-refuses training on one class.
+with "the splits a run uses" given by `needed_splits` for each Lightning stage; for multi-label
+data `finding_coverage_problems` is its form (every finding needs a positive image in every split
+the run uses). `single_class_problem` refuses training on one class.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PureWindowsPath
 
+from dpt_lightning.data.dicom import DicomWindow
 from dpt_lightning.data.images import check_image
-from dpt_lightning.data.splits import P_TRAIN, P_VAL, SPLITS, Item, enough_for_every_split, path_key
+from dpt_lightning.data.splits import (P_TRAIN, P_VAL, SPLITS, AnyItem, Item, MultiLabelItem,
+                                       enough_for_every_split, path_key)
 
 #: How the splits are named in sentences.
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
@@ -65,25 +68,36 @@ def not_utf8_problem(path: str | Path, where: str = "", kind: str = "file") -> s
             f"(e.g. `convmv -f latin1 -t utf8 --notest <{kind}>`)")
 
 
+def label_problems(item: AnyItem, classnames: Sequence[str], where: str) -> list[str]:
+    """The problems of an item's labels: a label outside ``classnames``, or a name (class name,
+    finding) that disagrees with its label (compared without regard to case)."""
+    if isinstance(item, MultiLabelItem):
+        named, unnamed, word = zip(item.labels, item.findings), item.ignored, "finding"
+    else:
+        named, unnamed, word = [(item.label, item.classname)], (), "class name"
+    problems = []
+    for label, name in [*named, *((label, None) for label in unnamed)]:
+        if not 0 <= label < len(classnames):
+            problems.append(f"{where}: label {label} is not a label of this dataset (0..{len(classnames) - 1})")
+        elif name is not None and name.lower() != classnames[label].lower():
+            problems.append(f"{where}: {word} {name!r} does not match label {label}, which is {classnames[label]!r}")
+    return problems
+
+
 def find_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[str], image_dir: Path,
                   source: str = "split", used: Sequence[Item] | None = None,
-                  check_images: str = "full") -> list[str]:
+                  check_images: str = "full", dicom_window: DicomWindow = 0) -> list[str]:
     """Every problem of ``split`` that makes it unusable for any run, each naming its file: a
     label outside ``classnames``, a class name that disagrees with its label, a path that leaves
     ``image_dir``, a file name that is not UTF-8, an image in two splits, a listed file that is
     missing; and the images of ``used`` (default: all) that cannot be read (``check_images``:
-    ``full`` decode, ``header`` only, ``none``)."""
-    names = [name.lower() for name in classnames]
+    ``full`` decode, with ``dicom_window`` for DICOM files; ``header`` only, ``none``)."""
     problems: list[str] = []
     first_split: dict[str, str] = {}
     for name in SPLITS:
         for k, item in enumerate(split.get(name, [])):
             where = f"{source}: {name}[{k}] {item.relpath!r}"
-            if not 0 <= item.label < len(names):
-                problems.append(f"{where}: label {item.label} is not a label of this dataset (0..{len(names) - 1})")
-            elif item.classname.lower() != names[item.label]:
-                problems.append(f"{where}: class name {item.classname!r} does not match label {item.label}, "
-                                f"which is {classnames[item.label]!r}")
+            problems += label_problems(item, classnames, where)
             if escapes_folder(item.relpath):
                 problems.append(f"{where}: the path leaves the image folder {image_dir}")
                 continue
@@ -102,7 +116,7 @@ def find_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[str]
         paths = sorted(p for p in paths if p.is_file())  # missing files are reported above
         decode = check_images == "full"
         with ThreadPoolExecutor(max_workers=8) as pool:
-            problems.extend(p for p in pool.map(lambda p: check_image(p, decode=decode), paths) if p)
+            problems.extend(p for p in pool.map(lambda p: check_image(p, decode, dicom_window), paths) if p)
     return problems
 
 
@@ -134,6 +148,18 @@ def _join_or(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
+def positive_counts(split: Mapping[str, Sequence[AnyItem]], labels: Sequence[int]) -> dict[int, dict[str, int]]:
+    """label -> split -> the number of images of that label (for multi-label data: the images that
+    have that finding, its positives)."""
+    counts = {label: dict.fromkeys(SPLITS, 0) for label in labels}
+    for name in SPLITS:
+        for item in split.get(name, []):
+            for label in item.positives:
+                if label in counts:
+                    counts[label][name] += 1
+    return counts
+
+
 def coverage_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[str], labels: Sequence[int],
                       needed: Sequence[str], source: str, built: Mapping[int, str] | None = None,
                       built_how: str = "") -> tuple[list[str], str | None]:
@@ -147,11 +173,7 @@ def coverage_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[
     """
     if not needed:
         return [], None
-    counts = {label: dict.fromkeys(SPLITS, 0) for label in labels}
-    for name in SPLITS:
-        for item in split.get(name, []):
-            if item.label in counts:
-                counts[item.label][name] += 1
+    counts = positive_counts(split, labels)
     problems, offenders = [], []
     for label in labels:
         missing = [name for name in needed if counts[label][name] == 0]
@@ -180,6 +202,32 @@ def coverage_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[
     return problems, hint
 
 
+def finding_coverage_problems(split: Mapping[str, Sequence[MultiLabelItem]], findings: Sequence[str],
+                              labels: Sequence[int], needed: Sequence[str],
+                              source: str) -> tuple[list[str], str | None]:
+    """The class rule of multi-label data: each finding of ``labels`` needs at least one positive
+    image (one that has it) in each ``needed`` split. One problem line per offending finding, and
+    the advice with the positives per split, or ``([], None)``."""
+    if not needed:
+        return [], None
+    counts = positive_counts(split, labels)
+    problems, offenders = [], []
+    for label in labels:
+        missing = [name for name in needed if counts[label][name] == 0]
+        if missing:
+            c = counts[label]
+            offenders.append(f"{findings[label]!r} {c['train']}/{c['val']}/{c['test']}")
+            problems.append(f"{source}: finding {label} {findings[label]!r} has no positive "
+                            f"{_join_or([SPLIT_WORDS[m] for m in missing])} images")
+    if not problems:
+        return [], None
+    hint = (f"Every finding needs at least one image that has it in each split this run uses (here: "
+            f"{_join(needed)}). Positive images per finding (train/val/test): " + ", ".join(offenders) + ". "
+            "To fix: add images with these findings, give the split yourself (data.split_file, or a 'split' "
+            "column in a CSV), or leave these findings out (data.findings).")
+    return problems, hint
+
+
 def single_class_problem(classnames: Sequence[str], source: str) -> str | None:
     """Training on one class learns nothing (every prediction is that class): the problem line,
     or None for two classes or more."""
@@ -191,5 +239,6 @@ def single_class_problem(classnames: Sequence[str], source: str) -> str | None:
             "of BUSI's base-to-novel split is only tested)")
 
 
-__all__ = ["coverage_problems", "escapes_folder", "find_problems", "is_utf8", "needed_splits",
-           "not_utf8_problem", "show_path", "single_class_problem"]
+__all__ = ["coverage_problems", "escapes_folder", "find_problems", "finding_coverage_problems", "is_utf8",
+           "label_problems", "needed_splits", "not_utf8_problem", "positive_counts", "show_path",
+           "single_class_problem"]

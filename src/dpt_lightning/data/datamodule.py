@@ -2,9 +2,11 @@
 checks, loaders).
 
 A subclass only says where its items come from (`read_split`) and what its classes are
-(`all_classnames`); everything else lives here. A datamodule knows nothing about the model: the
-trainer hands it the backbone's transforms (`use_transforms`) before the loaders are built, and
-until then the reference BiomedCLIP transforms (224 px, CLIP mean/std) are used.
+(`all_classnames`); everything else lives here. A multi-label dataset (several findings per image)
+says ``task = "multilabel"`` and gives `MultiLabelItem` s; the rest follows from ``task``. A
+datamodule knows nothing about the model: the trainer hands it the backbone's transforms
+(`use_transforms`) before the loaders are built, and until then the reference BiomedCLIP
+transforms (224 px, CLIP mean/std) are used.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from torch.utils.data import DataLoader
 
 from dpt_lightning.data import checks
 from dpt_lightning.data.dataset import EpochShuffleSampler, ImageListDataset
+from dpt_lightning.data.dicom import DicomWindow
 from dpt_lightning.data.errors import DataError
-from dpt_lightning.data.splits import (Item, Subsample, base_novel_labels, build_split, read_split_file,
-                                       select_few_shot, write_split_file)
+from dpt_lightning.data.splits import (AnyItem, Item, MultiLabelItem, Subsample, Task, base_novel_labels, build_split,
+                                       read_split_file, sample_few_shot, sample_few_shot_multilabel, select_few_shot,
+                                       split_entries, split_task, write_split_file)
 from dpt_lightning.recipe import reference_transforms
 
 
@@ -36,6 +40,8 @@ class MedicalDataModule(LightningDataModule):
         check_images: ``full`` decodes every image the run uses in ``setup`` (problems are
             reported before training, all at once), ``header`` only opens them, ``none`` skips
             both; every file the split lists must exist in any case.
+        dicom_window: how DICOM files are windowed (`dicom.DicomWindow`): ``0`` (the file's first
+            window or VOI LUT), another index, ``[center, width]`` for every file, or ``minmax``.
 
     ``setup(stage)`` reports every problem of the data at once, in one `DataError`, before any
     training: the split's own problems (`checks.find_problems`), and the class rule for the
@@ -43,7 +49,16 @@ class MedicalDataModule(LightningDataModule):
     (`checks.needed_splits`: ``fit`` train and test, and val when validation runs; ``validate``
     val; ``test`` test; ``predict`` only a non-empty test split). ``fit`` also needs two classes
     or more; one class may be tested and predicted.
+
+    Multi-label data (``task == "multilabel"``): items are `MultiLabelItem` s, ``batch["label"]``
+    is a float (C,) vector (1 finding present, 0 absent, -1 unknown: `dataset.multi_hot`), the
+    few-shot rule is `splits.sample_few_shot_multilabel`, and the class rule asks every finding
+    for a positive image in each split the stage uses (`checks.finding_coverage_problems`); one
+    finding may be trained. ``subsample`` base/new keeps every image and only the base/new findings.
     """
+
+    #: ``multiclass`` (one label per image) or ``multilabel`` (a set of findings per image).
+    task: Task = "multiclass"
 
     #: Dataset identity (benchmark subclasses set these; user data leaves them None).
     dataset_name: str | None = None
@@ -66,6 +81,7 @@ class MedicalDataModule(LightningDataModule):
         test_batch_size: int = 100,
         num_workers: int = 2,
         check_images: Literal["full", "header", "none"] = "full",
+        dicom_window: DicomWindow = 0,
     ):
         super().__init__()
         if num_shots == 0 or num_shots < -1:
@@ -88,6 +104,7 @@ class MedicalDataModule(LightningDataModule):
         self.test_batch_size = test_batch_size
         self.num_workers = num_workers
         self.check_images = check_images
+        self.dicom_window = dicom_window
         self.train_transform, self.test_transform = reference_transforms()
         self.full_split: dict[str, list[Item]] | None = None  #: the split as read, before selection
         self.selection: dict[str, list[Item]] | None = None  #: few-shot selection, all classes
@@ -134,6 +151,10 @@ class MedicalDataModule(LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classnames)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
     def use_transforms(self, train: Callable, test: Callable) -> None:
         """Called by the trainer with the backbone's transforms before loaders are built."""
         self.train_transform, self.test_transform = train, test
@@ -149,9 +170,11 @@ class MedicalDataModule(LightningDataModule):
             if self.split_file:
                 split = read_split_file(self.split_file)
                 self.split_source, self.split_built_from = str(self.split_file), None
+                self._check_task(split)
             else:
                 split = self.read_split()
-            selection = select_few_shot(split, self.num_shots, self.seed)
+            sample = sample_few_shot_multilabel if self.multilabel else sample_few_shot
+            selection = select_few_shot(split, self.num_shots, self.seed, sample)
             splits = {name: self._subsample(items) for name, items in selection.items()}
             problems = self.find_problems(split, used=[item for items in splits.values() for item in items])
         else:
@@ -163,16 +186,31 @@ class MedicalDataModule(LightningDataModule):
         if first:
             self.full_split, self.selection, self.splits = split, selection, splits
 
-    def _subsample(self, items: list[Item]) -> list[Item]:
+    def _check_task(self, split: dict[str, list[AnyItem]]) -> None:
+        """A split file of the other kind (multi-label entries for single-label data, or the reverse)
+        is an error naming the file."""
+        kind = split_task(split)
+        if kind is not None and kind != self.task:
+            forms = {"multiclass": "single-label entries [relpath, label, classname]",
+                     "multilabel": "multi-label entries [relpath, [labels], [findings]]"}
+            raise DataError([f"{self.split_file}: holds {forms[kind]}, but {type(self).__name__} is "
+                             f"{self.task} data, which needs {forms[self.task]}"], "split file of the wrong kind",
+                            "Give a split file written for this kind of data (a fewshot_split.json of a run on it).")
+
+    def _subsample(self, items: list[AnyItem]) -> list[AnyItem]:
         kept = self.kept_labels
         remap = {old: new for new, old in enumerate(kept)}
+        if self.multilabel:  # every image stays; only the kept findings, renumbered
+            return [MultiLabelItem(i.relpath, tuple(remap[l] for l in i.labels if l in remap),
+                                   tuple(f for l, f in zip(i.labels, i.findings) if l in remap),
+                                   tuple(remap[l] for l in i.ignored if l in remap)) for i in items]
         return [Item(i.relpath, remap[i.label], i.classname) for i in items if i.label in remap]
 
     def find_problems(self, split: dict[str, list[Item]], used: list[Item] | None = None) -> list[str]:
         """Every problem of ``split`` for any use (`checks.find_problems`), and of the images of
         ``used`` (default: all) that cannot be read. A subclass may add its own."""
         return checks.find_problems(split, self.all_classnames, self.image_dir, self.split_source or "split",
-                                    used, self.check_images)
+                                    used, self.check_images, self.dicom_window)
 
     def validation_runs(self) -> bool:
         """Will the trainer run validation? Not when ``trainer.limit_val_batches`` is 0 (the
@@ -184,6 +222,12 @@ class MedicalDataModule(LightningDataModule):
         """The problems of ``split`` for ``stage`` (see the class docstring), and advice or None."""
         source = self.split_source or "split"
         needed = checks.needed_splits(stage, self.validation_runs())
+        if self.multilabel:  # one finding is a yes/no question worth training; predict needs any image
+            problems, hint = checks.finding_coverage_problems(split, self.all_classnames, self.kept_labels, needed,
+                                                              source)
+            if stage == "predict" and not split.get("test"):
+                problems.append(f"{source}: the test split is empty; predict reads the test split")
+            return problems, hint
         problems, hint = checks.coverage_problems(split, self.all_classnames, self.kept_labels, needed, source,
                                                   self.split_built_from, self.split_built_how)
         if stage == "fit" and (single := checks.single_class_problem(self.classnames, source)):
@@ -196,12 +240,12 @@ class MedicalDataModule(LightningDataModule):
 
     # --------------------------------------------------------------- exports
     def fewshot_split(self, splits: tuple[str, ...] | None = None) -> dict[str, list[list]]:
-        """The selection this run uses, in the split-file format (original labels and names);
+        """The selection this run uses, in the split-file format (original labels and names; for
+        multi-label data ``[relpath, [labels], [findings]]``, see `splits.read_split_file`);
         ``splits`` keeps only those splits (those the selection has)."""
         if self.splits is None:
             raise RuntimeError("call setup() before fewshot_split()")
-        return {name: [list(i) for i in items] for name, items in self.selection.items()
-                if splits is None or name in splits}
+        return split_entries(self.selection, [name for name in self.selection if splits is None or name in splits])
 
     def save_fewshot_split(self, path: str | Path) -> Path:
         """Write `fewshot_split()` as a split file; never replaces an existing file. Pass it back
@@ -214,7 +258,9 @@ class MedicalDataModule(LightningDataModule):
     def _dataset(self, split: str, transform: Callable) -> ImageListDataset:
         if self.splits is None:
             self.setup()
-        return ImageListDataset(self.image_dir, self.splits[split], transform, seed=self.seed)
+        return ImageListDataset(self.image_dir, self.splits[split], transform, seed=self.seed,
+                                num_labels=self.num_classes if self.multilabel else None,
+                                dicom_window=self.dicom_window)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self._dataset(split, self.train_transform if train else self.test_transform)

@@ -1,4 +1,5 @@
-"""Facts of the 11 benchmark datasets (BiomedCoOp benchmark, as used by Biomed-DPT).
+"""Facts of the 11 benchmark datasets (BiomedCoOp benchmark, as used by Biomed-DPT), and of the
+multi-label chest X-ray datasets (`MULTILABEL_DATASETS`).
 
 One table, read by the datamodules (folders, class names) and by the methods that need a
 dataset's clinical template (Biomed-DPT). Class names are listed in label order.
@@ -53,9 +54,22 @@ BENCHMARK_DATASETS: dict[str, DatasetFacts] = {f.name: f for f in [
 ]}
 
 
+#: The multi-label chest X-ray datasets (several findings per image; not part of the 11-dataset
+#: benchmark): their findings in label order (CheXpert: the 5 competition findings, its default).
+MULTILABEL_DATASETS: dict[str, DatasetFacts] = {f.name: f for f in [
+    DatasetFacts("ChestXray14", ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+                                 "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
+                                 "Pleural Thickening", "Hernia"),
+                 "chest X-ray", "chest", "a chest X-ray photo showing {}."),
+    DatasetFacts("CheXpert", ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
+                 "chest X-ray", "chest", "a chest X-ray photo showing {}."),
+]}
+
+
 def dataset_facts(name: str) -> DatasetFacts:
-    """Facts of a benchmark dataset by its folder name (case-insensitive)."""
-    for facts in BENCHMARK_DATASETS.values():
+    """Facts of a benchmark dataset (or a multi-label one) by its folder name (case-insensitive)."""
+    for facts in [*BENCHMARK_DATASETS.values(), *MULTILABEL_DATASETS.values()]:
         if facts.name.lower() == name.lower():
             return facts
-    raise KeyError(f"unknown benchmark dataset {name!r}; known: {sorted(BENCHMARK_DATASETS)}")
+    known = sorted([*BENCHMARK_DATASETS, *MULTILABEL_DATASETS])
+    raise KeyError(f"unknown benchmark dataset {name!r}; known: {known}")

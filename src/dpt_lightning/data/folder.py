@@ -1,13 +1,12 @@
-"""The user's own data: an image-folder layout or a CSV file.
+"""The user's own data: an image-folder layout or a CSV file (single- or multi-label).
 
 Both make their train/val/test split with THE split builder (`MedicalDataModule.make_split`,
-50/20/30 per class with ``split_seed``) unless the CSV has a ``split`` column; either way the class
-rule of `MedicalDataModule.setup` applies (every class needs an image in every split the run uses).
+50/20/30 per class with ``split_seed``; a multi-label CSV: 50/20/30 of all images) unless the CSV
+has a ``split`` column; either way the class rule of `MedicalDataModule.setup` applies (every class
+needs an image in every split the run uses).
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +14,9 @@ from dpt_lightning.data.checks import is_utf8, not_utf8_problem
 from dpt_lightning.data.datamodule import MedicalDataModule
 from dpt_lightning.data.errors import DataError
 from dpt_lightning.data.images import list_images
-from dpt_lightning.data.splits import SPLITS, Item, path_key
+from dpt_lightning.data.multilabel import UncertainPolicy, label_csv_task, multilabel_items, read_multilabel_table
+from dpt_lightning.data.splits import SPLITS, Item, MultiLabelItem, build_multilabel_split
+from dpt_lightning.data.tables import Table, csv_records, raise_problems, read_csv_table
 
 
 def _require_root(module: MedicalDataModule, what: str) -> Path:
@@ -79,69 +80,27 @@ def read_label_csv(path: str | Path) -> tuple[list[CSVRow], bool]:
 
     Every problem of the file is reported at once in a `DataError` naming the file and the lines:
     not UTF-8, empty, not CSV, missing columns, rows with the wrong number of fields or empty
-    cells, split values other than train/val/test, and an image listed twice (same path, in one
-    split or across splits; ``./a.png`` and ``a.png`` are the same). A missing file is a
+    cells, split values other than train/val/test, an image listed twice (same path, in one
+    split or across splits; ``./a.png`` and ``a.png`` are the same), and a label that lists
+    several findings (``a|b``: multi-label data has a ``labels`` column). A missing file is a
     ``FileNotFoundError``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data.csv {path} does not exist")
-    if path.is_dir():
-        raise DataError([f"{path}: is a folder, not a CSV file"], "bad data.csv")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError([f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 "
-                         "(e.g. `iconv -f latin1 -t utf-8`, or a spreadsheet's 'CSV UTF-8')"], "bad CSV") from None
-    except OSError as err:
-        raise DataError([f"{path}: cannot read ({err.strerror or err})"], "bad CSV") from None
-    if not text.strip():
-        raise DataError([f"{path}: the file is empty"], "bad CSV", CSV_FORMAT)
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
-    try:
-        table = [(reader.line_num, row) for row in reader]
-    except csv.Error as err:
-        raise DataError([f"{path}, line {reader.line_num}: not readable as CSV ({err})"], "bad CSV",
-                        CSV_FORMAT) from None
-    table = [(line, row) for line, row in table if any(cell.strip() for cell in row)]  # blank lines
-    if not table:
-        raise DataError([f"{path}: the file has no header and no rows"], "bad CSV", CSV_FORMAT)
-    (_, header), body = table[0], table[1:]
-    columns = [name.strip().lower() for name in header]
-    problems = []
-    missing = [name for name in ("path", "label") if name not in columns]
-    repeated = sorted({name for name in columns if columns.count(name) > 1 and name})
-    if missing or repeated:
-        problems.append(f"{path}, line {table[0][0]}: the header {header} " +
-                        (f"lacks the column(s) {missing}" if missing else f"repeats the column(s) {repeated}"))
-        raise DataError(problems, "bad CSV", CSV_FORMAT)
-    has_split = "split" in columns
-    rows, first_line = [], {}
-    for line, cells in body:
-        if len(cells) != len(columns):
-            problems.append(f"{path}, line {line}: {len(cells)} fields, the header has {len(columns)}")
+    return label_rows(path, read_csv_table(path, format_hint=CSV_FORMAT))
+
+
+def label_rows(path: str | Path, table: Table) -> tuple[list[CSVRow], bool]:
+    """The single-label rows of the CSV ``table`` read from ``path`` (see `read_label_csv`)."""
+    records, has_split, problems = csv_records(path, table, ("path", "label"), CSV_FORMAT)
+    rows = []
+    for record in records:
+        label = record.cells["label"].strip()
+        if "|" in label:
+            problems.append((record.line, f"{path}, line {record.line}: the label {label!r} lists several findings "
+                                          "('|'); a 'label' column holds one class name per image: for multi-label "
+                                          "data name the column 'labels' (README 'Multi-label and DICOM')"))
             continue
-        row = dict(zip(columns, cells))
-        image, label = row["path"], row["label"].strip()
-        split = row["split"].strip().lower() if has_split else None
-        empty = [name for name in ("path", "label", "split") if name in row and not row[name].strip()]
-        if empty:
-            problems.append(f"{path}, line {line}: empty {' and '.join(empty)}")
-            continue
-        if has_split and split not in SPLITS:
-            problems.append(f"{path}, line {line}: split {row['split']!r} is not train, val or test")
-            continue
-        key = path_key(image)
-        if key in first_line:
-            problems.append(f"{path}, line {line}: the image {image!r} is listed again (first on line "
-                            f"{first_line[key]}); an image may be listed once")
-            continue
-        first_line[key] = line
-        rows.append(CSVRow(line, image, label, split))
-    if not body:
-        problems.append(f"{path}: no rows after the header")
-    if problems:
-        raise DataError(problems, f"bad CSV {path}", CSV_FORMAT)
+        rows.append(CSVRow(record.line, record.cells["path"], label, record.split))
+    raise_problems(path, problems, CSV_FORMAT)
     return rows, has_split
 
 
@@ -156,15 +115,31 @@ class CSVDataModule(MedicalDataModule):
     (``class_order``, not ``classnames``: ``classnames`` is what the CLI links from the data into the
     model, and Lightning refuses a datamodule and a model whose hyperparameters share a name with
     different values.)
+
+    **Multi-label** (``task`` becomes ``multilabel``, decided from the file and the settings by
+    `multilabel.label_csv_task`): a ``labels`` column of ``|``-separated findings (``No Finding``
+    for none), or one 0/1 column per finding named by ``findings`` (``-1`` uncertain, read by the
+    policy ``uncertain``: ones, zeros or ignore); see `multilabel.read_multilabel_table`. The
+    findings are ``findings`` (their order gives the labels) or the sorted names of the ``labels``
+    column. Without a ``split`` column the images are split 50/20/30 as one group with
+    ``split_seed`` (`splits.build_multilabel_split`). A ``label`` cell with ``|`` is an error that
+    points here; settings of both kinds at once (``class_order`` with ``findings``) are one too.
     """
 
     def __init__(self, csv: str, root: str | None = None, class_order: list[str] | None = None,
-                 split_seed: int = 1, **kwargs):
+                 split_seed: int = 1, findings: list[str] | None = None, uncertain: UncertainPolicy | None = None,
+                 **kwargs):
         csv_path = Path(csv).expanduser()
         super().__init__(root=root if root is not None else str(csv_path.parent), **kwargs)
         self.csv = csv_path
         self.split_seed = split_seed
-        self.rows, self.has_split_column = read_label_csv(csv_path)
+        table = read_csv_table(csv_path, format_hint=CSV_FORMAT)
+        self.task = label_csv_task(csv_path, table, findings, uncertain, class_order)
+        if self.multilabel:
+            self.rows, self.has_split_column, self._classnames = read_multilabel_table(csv_path, table, findings,
+                                                                                       uncertain)
+            return
+        self.rows, self.has_split_column = label_rows(csv_path, table)
         labels = {row.label for row in self.rows}
         names = sorted(labels) if class_order is None else [str(name).strip() for name in class_order]
         problems = []
@@ -190,8 +165,14 @@ class CSVDataModule(MedicalDataModule):
     def all_classnames(self) -> list[str]:
         return self._classnames
 
-    def read_split(self) -> dict[str, list[Item]]:
+    def read_split(self) -> dict[str, list[Item]] | dict[str, list[MultiLabelItem]]:
         self.split_source = str(self.csv)
+        if self.multilabel:
+            items = multilabel_items(self.rows, self._classnames)
+            if self.has_split_column:
+                return {name: [item for row, item in zip(self.rows, items) if row.split == name] for name in SPLITS}
+            self.split_source = f"{self.csv} (50/20/30 split of the images with split_seed={self.split_seed})"
+            return build_multilabel_split(items, self.split_seed)
         label_of = {name: i for i, name in enumerate(self._classnames)}
         items = [(row, Item(row.path, label_of[row.label], row.label)) for row in self.rows]
         if self.has_split_column:

@@ -1,4 +1,5 @@
-"""Reading medical images as 3-channel RGB, whatever their mode and bit depth."""
+"""Reading medical images as 3-channel RGB, whatever their mode and bit depth, and DICOM files
+(`dpt_lightning.data.dicom`: rescale, window, MONOCHROME1) wherever an image path is accepted."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+from dpt_lightning.data.dicom import (DICOM_SUFFIXES, DicomReadError, DicomWindow, is_dicom, read_dicom_rgb,
+                                      read_header)
+
+#: Formats PIL reads, and DICOM.
+PIL_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = PIL_EXTENSIONS + DICOM_SUFFIXES
 
 #: Refuse images that would decompress to more pixels than this (decompression bombs).
 MAX_PIXELS = 100_000_000
@@ -31,8 +37,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open ``path`` fully and return it as RGB; any problem is an ``ImageReadError`` naming the file."""
+def load_rgb(path: str | Path, dicom_window: DicomWindow = 0) -> Image.Image:
+    """Open ``path`` fully and return it as RGB; any problem is an ``ImageReadError`` naming the file.
+    A DICOM file (`dicom.is_dicom`) is read through pydicom with ``dicom_window`` (`dicom.DicomWindow`)."""
+    if is_dicom(path, PIL_EXTENSIONS):
+        try:
+            return read_dicom_rgb(path, dicom_window, MAX_PIXELS)
+        except DicomReadError as err:
+            raise ImageReadError(str(err)) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -58,10 +70,11 @@ def list_images(folder: str | Path) -> list[str]:
                   and entry.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def check_image(path: str | Path, decode: bool = True) -> str | None:
+def check_image(path: str | Path, decode: bool = True, dicom_window: DicomWindow = 0) -> str | None:
     """None if ``path`` is a usable image, else a one-line description of the problem.
 
-    ``decode=False`` checks existence, size and the header only (fast); ``True`` decodes fully.
+    ``decode=False`` checks existence, size and the header only (fast); ``True`` decodes fully
+    (a DICOM file with ``dicom_window``).
     """
     path = Path(path)
     if not path.is_file():
@@ -70,12 +83,14 @@ def check_image(path: str | Path, decode: bool = True) -> str | None:
         return f"{path}: empty file (0 bytes)"
     try:
         if decode:
-            load_rgb(path)
+            load_rgb(path, dicom_window)
+        elif is_dicom(path, PIL_EXTENSIONS):
+            read_header(path, MAX_PIXELS)
         else:
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
                     return f"{path}: {image.width}x{image.height} pixels is larger than the limit of {MAX_PIXELS}"
-    except ImageReadError as err:
+    except (ImageReadError, DicomReadError) as err:
         return str(err)
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad headers
         return f"{path}: cannot read image ({type(err).__name__}: {err})"
