@@ -152,7 +152,7 @@ def read_dicom_rgb(path: str | Path, window: DicomWindow = 0, max_pixels: int = 
 
 def gray_unit(pixels: np.ndarray, ds, window: DicomWindow, path: str | Path) -> np.ndarray:
     """Stored grayscale values -> modality values -> the VOI ``window``, in [0, 1] (float64)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    from pydicom.pixels import apply_modality_lut
 
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     if isinstance(window, str):
@@ -174,9 +174,25 @@ def gray_unit(pixels: np.ndarray, ds, window: DicomWindow, path: str | Path) -> 
         if windows:
             function = str(ds.get("VOILUTFunction", "LINEAR")).strip() or "LINEAR"
             return apply_window(values, *windows[window], function, path)
-        bits = int(luts[window].LUTDescriptor[2])
-        return apply_voi(np.round(values).astype(np.int64), ds, window).astype(np.float64) / (2 ** bits - 1)
+        return apply_voi_table(values, luts[window], ds)
     return stretch(values)
+
+
+def apply_voi_table(values: np.ndarray, item, ds) -> np.ndarray:
+    """A VOI LUT Sequence ``item`` applied to modality ``values``, to [0, 1] (PS3.3 C.11.2.1.1):
+    values below the first mapped value take the first entry, those past the table the last one.
+    (pydicom's ``apply_voi`` computes the index in the table's own 8/16-bit type, which wraps
+    around for values far above the table; hence this lookup.)"""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):  # OW: 16-bit words in the file's byte order
+        little = ds.original_encoding[1] is not False
+        table = np.frombuffer(bytes(data), dtype="<u2" if little else ">u2")
+    else:  # US: one number or several
+        table = np.asarray(list(data) if hasattr(data, "__iter__") else [data])
+    table = table[:entries or 2 ** 16].astype(np.float64)
+    index = np.clip(np.round(values) - first, 0, len(table) - 1).astype(np.int64)
+    return table[index] / (2 ** bits - 1)
 
 
 def file_windows(ds) -> list[tuple[float, float]]:

@@ -190,7 +190,7 @@ def read_finding_columns(path: Path, table: Table, names: Sequence[str], uncerta
     records, has_split, problems = csv_records(path, table, ("path", *columns), format_hint, nonempty)
     rows = []
     for record in records:
-        found, ignored, cell_problems = finding_values(record.cells, columns, names, uncertain)
+        found, ignored, cell_problems = finding_values(record.cells, columns, names, uncertain, blank)
         problems += [(record.line, f"{path}, line {record.line}: {problem}") for problem in cell_problems]
         if not cell_problems:
             rows.append(MultiLabelRow(record.line, record.cells["path"], found, ignored, record.split))
