@@ -160,6 +160,15 @@ def positive_counts(split: Mapping[str, Sequence[AnyItem]], labels: Sequence[int
     return counts
 
 
+def shortfalls(split: Mapping[str, Sequence[AnyItem]], labels: Sequence[int],
+               needed: Sequence[str]) -> list[tuple[int, list[str], dict[str, int]]]:
+    """(label, the ``needed`` splits without an image of it, its `positive_counts`) of each label
+    of ``labels`` that lacks one, in label order."""
+    counts = positive_counts(split, labels)
+    return [(label, missing, counts[label]) for label in labels
+            if (missing := [name for name in needed if counts[label][name] == 0])]
+
+
 def coverage_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[str], labels: Sequence[int],
                       needed: Sequence[str], source: str, built: Mapping[int, str] | None = None,
                       built_how: str = "") -> tuple[list[str], str | None]:
@@ -173,13 +182,9 @@ def coverage_problems(split: Mapping[str, Sequence[Item]], classnames: Sequence[
     """
     if not needed:
         return [], None
-    counts = positive_counts(split, labels)
     problems, offenders = [], []
-    for label in labels:
-        missing = [name for name in needed if counts[label][name] == 0]
-        if not missing:
-            continue
-        name, c = classnames[label], counts[label]
+    for label, missing, c in shortfalls(split, labels, needed):
+        name = classnames[label]
         offenders.append(f"{name!r} {c['train']}/{c['val']}/{c['test']}")
         if built is not None and label in built:
             n = sum(c.values())
@@ -210,15 +215,11 @@ def finding_coverage_problems(split: Mapping[str, Sequence[MultiLabelItem]], fin
     the advice with the positives per split, or ``([], None)``."""
     if not needed:
         return [], None
-    counts = positive_counts(split, labels)
     problems, offenders = [], []
-    for label in labels:
-        missing = [name for name in needed if counts[label][name] == 0]
-        if missing:
-            c = counts[label]
-            offenders.append(f"{findings[label]!r} {c['train']}/{c['val']}/{c['test']}")
-            problems.append(f"{source}: finding {label} {findings[label]!r} has no positive "
-                            f"{_join_or([SPLIT_WORDS[m] for m in missing])} images")
+    for label, missing, c in shortfalls(split, labels, needed):
+        offenders.append(f"{findings[label]!r} {c['train']}/{c['val']}/{c['test']}")
+        problems.append(f"{source}: finding {label} {findings[label]!r} has no positive "
+                        f"{_join_or([SPLIT_WORDS[m] for m in missing])} images")
     if not problems:
         return [], None
     hint = (f"Every finding needs at least one image that has it in each split this run uses (here: "
