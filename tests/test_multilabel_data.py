@@ -478,3 +478,13 @@ def test_the_chestxray14_bank_serves_chexpert_names_too():
     assert resolve_sentences("auto", "demo_multilabel", ["circle"]) == [load_bank("demo")["circle"]]
     with pytest.raises(DescriptionBankError, match="'x': an alias names a class of the bank that has sentences"):
         validate_bank({"a": ["one"], "x": "b"}, "bank.json")
+
+
+def test_the_readme_multi_label_example_runs_as_written():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Multi-label and DICOM"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    data = namespace["data"]
+    assert data.task == "multilabel" and namespace["batch"]["label"].shape[1] == 4
