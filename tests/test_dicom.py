@@ -179,6 +179,12 @@ def test_image_folder_and_csv_accept_dicom_and_report_a_bad_one(tmp_path):
         CSVDataModule(csv=str(tmp_path / "labels.csv"), num_workers=0).setup()
 
 
+@pytest.mark.parametrize("window", [-1, True, [1500], [40, 0], "lung", 2.5])
+def test_a_bad_dicom_window_setting_names_it(tmp_path, window):
+    with pytest.raises(ValueError, match="data.dicom_window must be a window index"):
+        ImageFolderDataModule(root=str(tmp_path), dicom_window=window)
+
+
 def test_the_dicom_window_setting_reaches_the_images_and_the_view_digests(tmp_path):
     assert view_group("t", tmp_path, None) == view_group("t", tmp_path, None, 0)  # digests of old runs kept
     assert view_group("t", tmp_path, None, (40, 400)) != view_group("t", tmp_path, None)

@@ -346,7 +346,7 @@ def test_chestxray14_bad_files_name_the_file_and_line(tmp_path):
     assert error_of(ChestXray14DataModule(root=str(tmp_path)).setup)  # the 2020 file is found too
     (tmp_path / "Data_Entry_2017_v2020.csv").unlink()
     with pytest.raises(FileNotFoundError, match="no Data_Entry_2017.csv or Data_Entry_2017_v2020.csv"):
-        ChestXray14DataModule(root=str(tmp_path)).setup()
+        ChestXray14DataModule(root=str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------

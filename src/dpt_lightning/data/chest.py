@@ -159,13 +159,13 @@ class ChestXray14DataModule(ChestXrayDataModule, dataset="ChestXray14"):
 
     LABEL_FILES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 
-    @property
-    def label_file(self) -> Path:
-        for name in self.LABEL_FILES:
-            if (self.root / name).is_file():
-                return self.root / name
-        raise FileNotFoundError(f"{self.root}: no {' or '.join(self.LABEL_FILES)}; data.root is the folder that "
-                                "holds ChestX-ray14's label file, split lists and images_*/ folders")
+    def __init__(self, root: str, val_fraction: float = 0.1, split_seed: int = 1, **kwargs):
+        super().__init__(root=root, val_fraction=val_fraction, split_seed=split_seed, **kwargs)
+        found = [self.root / name for name in self.LABEL_FILES if (self.root / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{self.root}: no {' or '.join(self.LABEL_FILES)}; data.root is the folder that "
+                                    "holds ChestX-ray14's label file, split lists and images_*/ folders")
+        self.label_file = found[0]
 
     def read_split(self) -> dict[str, list[MultiLabelItem]]:
         entries = read_data_entry(self.label_file)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from dpt_lightning.data import checks
 from dpt_lightning.data.dataset import EpochShuffleSampler, ImageListDataset
-from dpt_lightning.data.dicom import DicomWindow
+from dpt_lightning.data.dicom import DicomWindow, check_dicom_window
 from dpt_lightning.data.errors import DataError
 from dpt_lightning.data.splits import (AnyItem, Item, MultiLabelItem, Subsample, Task, base_novel_labels, build_split,
                                        read_split_file, sample_few_shot, sample_few_shot_multilabel, select_few_shot,
@@ -104,7 +104,7 @@ class MedicalDataModule(LightningDataModule):
         self.test_batch_size = test_batch_size
         self.num_workers = num_workers
         self.check_images = check_images
-        self.dicom_window = dicom_window
+        self.dicom_window = check_dicom_window(dicom_window)
         self.train_transform, self.test_transform = reference_transforms()
         self.full_split: dict[str, list[Item]] | None = None  #: the split as read, before selection
         self.selection: dict[str, list[Item]] | None = None  #: few-shot selection, all classes

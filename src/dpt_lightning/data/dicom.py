@@ -55,6 +55,18 @@ class DicomReadError(ValueError):
     """A DICOM file that cannot be used, with the file named in the message."""
 
 
+def check_dicom_window(window: object) -> DicomWindow:
+    """``data.dicom_window`` as used: an index (0 or more), ``(center, width)`` (a list becomes a
+    tuple) or ``"minmax"``; anything else is a ``ValueError`` saying what to give."""
+    if isinstance(window, (list, tuple)) and len(window) == 2 and \
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window) and window[1] > 0:
+        return (float(window[0]), float(window[1]))
+    if window == "minmax" or (isinstance(window, int) and not isinstance(window, bool) and window >= 0):
+        return window
+    raise ValueError(f"data.dicom_window must be a window index of the files (0, 1, ...), [center, width] with a "
+                     f"positive width, or 'minmax'; got {window!r}")
+
+
 def is_dicom(path: str | Path, image_suffixes: tuple[str, ...] = ()) -> bool:
     """Is ``path`` a DICOM file? Its suffix is ``.dcm``/``.dicom``, or it has none of
     ``image_suffixes`` and carries the ``DICM`` marker at byte 128 (DICOM files often have no suffix)."""
