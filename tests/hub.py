@@ -10,12 +10,15 @@ download code runs against it, without internet. What it implements, as the hub 
   ``X-Linked-Etag`` (its SHA-256), ``X-Linked-Size`` and ``X-Repo-Commit``. A missing repository,
   revision or file is a 404 with the hub's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
   ``EntryNotFound``), which huggingface_hub turns into its typed errors.
-* ``GET|HEAD /cdn/<sha256>``: the LFS content, with ``Range`` requests (206, ``Content-Range``),
+* ``GET|HEAD /cdn/<sha256>?...`` on a second port (another origin, as the real CDN): the LFS content, with ``Range`` requests (206, ``Content-Range``),
   which is what a resumed download sends.
 * ``GET /api/<models|datasets>/<repo>[/revision/<revision>]``: the repository's info (``sha``,
   ``siblings``), which ``snapshot_download`` asks first.
 * ``GET /api/<models|datasets>/<repo>/tree/<revision>[/<path>]``: the file listing
-  (``list_repo_files``, ``snapshot_download``), with ``lfs.oid`` for the large files.
+  (``list_repo_files``, ``snapshot_download``; transformers lists a tokenizer's repository), with
+  ``lfs.oid`` for the large files.
+* ``GET /api/agent-harnesses``: a registry huggingface_hub fetches (at most daily) for its
+  user-agent header unless ``HF_HUB_DISABLE_TELEMETRY`` is set; served empty.
 
 Anything else is a 404 and is recorded in `LoopbackHub.unknown`, so a test can assert that the
 libraries asked for nothing the server does not implement. `LoopbackHub.fail` injects faults
@@ -35,12 +38,13 @@ import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 SOCKET_TIMEOUT = 20
 #: Files served through the LFS path (redirect to the CDN, SHA-256 ETag), as the hub stores them.
 LFS_SUFFIXES = (".zip", ".bin", ".safetensors", ".pth", ".pt", ".msgpack")
 FAULTS = ("404", "500", "500-cdn", "truncate", "corrupt", "huge")
+AGENT_REGISTRY = "/api/agent-harnesses"
 
 
 def git_blob_id(data: bytes) -> str:
@@ -100,10 +104,10 @@ class LoopbackHub:
         return self.add(repo_type, repo_id, {name: (Path(folder) / name).read_bytes() for name in names})
 
     def fail(self, path: str, kind: str, times: int | None = None) -> None:
-        """Make the requests for the file ``path`` (its name in the repository) fail as ``kind`` (one
-        of `FAULTS`), ``times`` times (default: always). Faults of one file are used in the order
-        they were added: ``fail(p, "truncate", 1); fail(p, "500-cdn")`` cuts the first transfer and
-        refuses the rest."""
+        """Make the requests for the file ``path`` (its name in the repository, or ``<repo id>/<name>``
+        for one repository's) fail as ``kind`` (one of `FAULTS`), ``times`` times (default: always).
+        Faults of one file are used in the order they were added: ``fail(p, "truncate", 1);
+        fail(p, "500-cdn")`` cuts the first transfer and refuses the rest."""
         assert kind in FAULTS, kind
         self.faults.setdefault(path, []).append(Fault(kind, times))
 
@@ -112,17 +116,23 @@ class LoopbackHub:
         self.requests.clear()
         self.unknown.clear()
 
-    def _fault(self, path: str, *kinds: str) -> str | None:
-        for fault in self.faults.get(path, []):
+    def _fault(self, repo: Repo, path: str, *kinds: str) -> str | None:
+        for fault in self.faults.get(f"{repo.repo_id}/{path}", self.faults.get(path, [])):
             if fault.kind in kinds and fault.use():
                 return fault.kind
         return None
 
-    def _by_sha256(self, digest: str) -> tuple[Repo, str] | None:
-        for repo in self.repos.values():
-            for path, data in repo.files.items():
-                if repo.is_lfs(path) and hashlib.sha256(data).hexdigest() == digest:
-                    return repo, path
+    def _signed(self, digest: str, repo: Repo, name: str) -> str:
+        """The CDN address of an LFS file (the real ones are signed URLs naming the object)."""
+        return f"{self.cdn_url}/cdn/{digest}?{quote(repo.repo_type)}={quote(repo.repo_id)}&file={quote(name)}"
+
+    def _object(self, digest: str, query: str) -> tuple[Repo, str] | None:
+        fields = {key: values[0] for key, values in parse_qs(query).items()}
+        for (repo_type, repo_id), repo in self.repos.items():
+            name = fields.get("file", "")
+            if fields.get(repo_type) == repo_id and name in repo.files \
+                    and hashlib.sha256(repo.files[name]).hexdigest() == digest:
+                return repo, name
         return None
 
     # ------------------------------------------------------------------------------ server
@@ -224,7 +234,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         self.hub.requests.append((self.command, path, self.headers.get("Range", "")))
         if match := _CDN.match(path):
-            return self._cdn(match["sha"])
+            return self._cdn(match["sha"], urlsplit(self.path).query)
+        if path == AGENT_REGISTRY:
+            return self._json({"standardEnvVars": [], "harnesses": {}})
         if match := _API.match(path):
             return self._api(match)
         if match := _RESOLVE.match(path):
@@ -237,7 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         name = unquote(match["path"])
-        fault = self.hub._fault(name, "404", "500", "huge")
+        fault = self.hub._fault(repo, name, "404", "500", "huge")
         if fault == "500":
             return self._error(500, None, "Internal Error", repo)
         if name not in repo.files or fault == "404":
@@ -248,19 +260,19 @@ class _Handler(BaseHTTPRequestHandler):
             digest = hashlib.sha256(data).hexdigest()
             size = 2 ** 50 if fault == "huge" else len(data)
             headers.update({"ETag": f'"{git_blob_id(data)}"', "X-Linked-Etag": f'"{digest}"',
-                            "X-Linked-Size": size, "Location": f"{self.hub.cdn_url}/cdn/{digest}"})
+                            "X-Linked-Size": size, "Location": self.hub._signed(digest, repo, name)})
             return self._reply(302, b"", headers)
         headers["ETag"] = f'"{git_blob_id(data)}"'
         self._reply(200, data, headers)
 
-    def _cdn(self, digest: str):
-        found = self.hub._by_sha256(digest)
+    def _cdn(self, digest: str, query: str):
+        found = self.hub._object(digest, query)
         if found is None:
             self.hub.unknown.append(f"{self.command} {self.path}")
             return self._error(404, None, "no such object")
         repo, name = found
         data = repo.files[name]
-        fault = self.hub._fault(name, "500-cdn", "truncate", "corrupt") if self.command == "GET" else None
+        fault = self.hub._fault(repo, name, "500-cdn", "truncate", "corrupt") if self.command == "GET" else None
         if fault == "500-cdn":
             return self._error(500, None, "Internal Error")
         if fault == "corrupt":

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["JSONFileError", "atomic_directory", "atomic_write", "cache_root", "default_file_mode", "read_json",
-           "sha256_file"]
+__all__ = ["JSONFileError", "atomic_directory", "atomic_write", "cache_root", "default_file_mode", "is_sha256",
+           "read_json", "sha256_file"]
 
 
 def cache_root() -> Path:
@@ -108,6 +108,11 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_sha256(text: str) -> bool:
+    """Is ``text`` a SHA-256 in hexadecimal (as the ETag the hub gives a large file is)?"""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -19,7 +19,6 @@ Unpacking and installing are `archives.prepare_dataset`'s, so a dataset folder e
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,25 +26,11 @@ from urllib.parse import urlsplit
 from dpt_lightning.data.archives import (DatasetInstallError, gib, os_error_message, prepare_dataset, require_space,
                                          work_folder)
 from dpt_lightning.data.catalogue import CatalogueEntry, HubArchive
-from dpt_lightning.files import sha256_file
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
+from dpt_lightning.files import is_sha256, sha256_file
+from dpt_lightning.hub_errors import http_status, hub_endpoint, hub_offline, is_not_found, is_transfer_error
 
 class DownloadError(DatasetInstallError):
     """A download that failed, in one message naming the file and what to do."""
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-def hub_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
 
 
 def archive_url(archive: HubArchive) -> str:
@@ -74,30 +59,21 @@ def dataset_lock(root: Path, entry: CatalogueEntry) -> Iterator[None]:
 
 def _http_failure(err: Exception, entry: CatalogueEntry, root: Path, url: str, part: Path | None) -> DownloadError:
     """The one message for an error of huggingface_hub or of its HTTP client."""
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
     archive = entry.archive
-    kept = part is not None and part.is_file() and part.stat().st_size > 0
     resume = (f"; the {gib(part.stat().st_size)} already downloaded are kept in {part} and the next run resumes "
-              "from there") if kept else "; nothing was installed"
-    if isinstance(err, (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)):
+              "from there") if part is not None else "; nothing was installed"
+    if is_not_found(err):
         return DownloadError(f"{archive.filename} is not in the Hugging Face {archive.repo_type} repository "
                              f"{archive.repo} at {archive.revision} (HTTP 404 for {url}); nothing was installed. "
                              f"If you have the archive from elsewhere: dpt-data prepare {entry.name} --root {root} "
                              "--archive <file>")
-    if isinstance(err, HfHubHTTPError):
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        return DownloadError(f"the hub answered HTTP {status} for {archive.filename} ({url}){resume}. Try again "
+    status = http_status(err)
+    if status is not None:
+        return DownloadError(f"the hub answered HTTP {status[0]} for {archive.filename} ({url}){resume}. Try again "
                              f"later: {entry.fetch_command(root)}")
     return DownloadError(f"downloading {archive.filename} from {hub_endpoint()} failed ({type(err).__name__}: "
                          f"{err}){resume}. Check the connection (HF_ENDPOINT, proxy) and run the same command "
                          "again")
-
-
-def _is_transfer_error(err: Exception) -> bool:
-    """An error of the HTTP client (connection, timeout, protocol), whichever client huggingface_hub uses."""
-    return type(err).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "http")
 
 
 def fetch_archive(entry: CatalogueEntry, root: Path) -> Path:
@@ -134,7 +110,7 @@ def fetch_archive(entry: CatalogueEntry, root: Path) -> Path:
             part.unlink()
             have = 0
         if meta.size is not None:
-            require_space(meta.size - have, work, f"downloading {archive.filename} ({gib(meta.size)})",
+            require_space(meta.size - have, work, f"downloading {archive.filename}",
                           f"free some space, or give another --root, and run: {entry.fetch_command(root)}")
         if meta.size is None or have < meta.size:
             verb = f"resuming at {gib(have)} of" if have else "downloading"
@@ -149,19 +125,26 @@ def fetch_archive(entry: CatalogueEntry, root: Path) -> Path:
     except DownloadError:
         raise
     except HfHubHTTPError as err:
-        raise _http_failure(err, entry, root, url, part) from None
+        raise _http_failure(err, entry, root, url, _drop_if_empty(part)) from None
     except OSError as err:
+        part = _drop_if_empty(part)
         if err.errno is None:  # huggingface_hub's "Consistency check failed": fewer bytes than announced
             raise _http_failure(err, entry, root, url, part) from None
-        raise DownloadError(os_error_message(err, f"downloading {archive.filename} into {work}") +
-                            (" (the part already downloaded is resumed)" if part is not None and part.is_file()
-                             else "")) from None
+        kept = " (the part already downloaded is resumed)" if part is not None else ""
+        raise DownloadError(os_error_message(err, f"downloading {archive.filename} into {work}") + kept) from None
     except Exception as err:
-        if _is_transfer_error(err):
-            raise _http_failure(err, entry, root, url, part) from None
+        if is_transfer_error(err):
+            raise _http_failure(err, entry, root, url, _drop_if_empty(part)) from None
         raise
     part.rename(final)
     return final
+
+
+def _drop_if_empty(part: Path | None) -> Path | None:
+    """The part file of a failed transfer if it holds bytes to resume from; an empty one is removed."""
+    if part is not None and part.is_file() and part.stat().st_size == 0:
+        part.unlink()
+    return part if part is not None and part.is_file() else None
 
 
 def _verify(part: Path, etag: str, size: int | None, entry: CatalogueEntry, root: Path) -> None:
@@ -172,7 +155,7 @@ def _verify(part: Path, etag: str, size: int | None, entry: CatalogueEntry, root
         part.unlink()
         raise DownloadError(f"{name}: {actual} bytes arrived, the hub announced {size}; the download was removed. "
                             f"Run again: {entry.fetch_command(root)}")
-    if _SHA256.fullmatch(etag):
+    if is_sha256(etag):
         print(f"{entry.name}: checking the SHA-256 of {name}")
         digest = sha256_file(part)
         if digest != etag:
@@ -214,6 +197,6 @@ def remote_size(entry: CatalogueEntry) -> int | None:
     except HfHubHTTPError as err:
         raise _http_failure(err, entry, Path("."), url, None) from None
     except Exception as err:
-        if _is_transfer_error(err):
+        if is_transfer_error(err):
             raise _http_failure(err, entry, Path("."), url, None) from None
         raise
