@@ -28,6 +28,11 @@ PUBLISHED = {"BTMRI": (2854, 1141, 1717), "BUSI": (389, 155, 236), "CHMNIST": (2
              "OCTMNIST": (97477, 10832, 1000), "RETINA": (2108, 841, 1268)}
 
 
+def work_files(root: Path) -> list[str]:
+    """What ``dpt-data`` left in its work folder, lock files aside."""
+    return sorted(p.name for p in (root / ".dpt-data").iterdir() if p.suffix != ".lock")
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     captured = capsys.readouterr()
@@ -193,7 +198,7 @@ def test_prepare_installs_an_archive_into_the_benchmark_layout(tmp_path, capsys,
     assert status == 0, out
     assert sorted(p.name for p in (root / "BTMRI").iterdir()) == ["BTMRI", "split_BTMRI.json"]
     assert sorted(p.name for p in root.iterdir()) == [".dpt-data", "BTMRI"]
-    assert list((root / ".dpt-data").iterdir()) == []  # the unpacking folder is gone
+    assert work_files(root) == []  # the unpacking folder is gone (the lock file of the dataset stays)
     audit = audit_dataset(CATALOGUE["BTMRI"], root, decode=True)
     assert audit.ok and audit.differences  # a small copy: usable, not the published counts
 
@@ -227,7 +232,7 @@ def test_a_full_disk_while_unpacking_leaves_no_dataset(tmp_path, capsys, monkeyp
     root = tmp_path / "data"
     status, _, err = run(capsys, "prepare", "BTMRI", "--root", str(root), "--archive", str(archive))
     assert status == 1 and "the disk is full (No space left on device); nothing was installed" in err
-    assert sorted(p.name for p in root.iterdir()) == [".dpt-data"] and not list((root / ".dpt-data").iterdir())
+    assert sorted(p.name for p in root.iterdir()) == [".dpt-data"] and work_files(root) == []
 
     monkeypatch.setattr(archives, "free_bytes", lambda folder: 1000)  # checked before anything is written
     status, _, err = run(capsys, "prepare", "BTMRI", "--root", str(root), "--archive", str(archive))
@@ -258,3 +263,15 @@ def test_a_licence_bound_dataset_is_prepared_from_the_users_archives(tmp_path, c
     status, out, _ = run(capsys, "prepare", "BUSI", "--root", str(root), "--archive", str(images), str(labels))
     assert status == 0, out
     assert audit_dataset(entry, root).matches and "nothing published to compare with" in out
+
+
+def test_one_dpt_data_at_a_time_per_dataset_and_root(tmp_path, capsys):
+    archive = tmp_path / "BTMRI.zip"
+    archive.write_bytes(benchmark_zip("BTMRI", tmp_path / "made"))
+    root = tmp_path / "data"
+    with archives.dataset_lock(root, CATALOGUE["BTMRI"]):  # another process downloading BTMRI
+        status, _, err = run(capsys, "prepare", "BTMRI", "--root", str(root), "--archive", str(archive))
+        assert status == 1 and f"another dpt-data is working on BTMRI in {root}" in err
+        status, _, err = run(capsys, "prepare", "BUSI", "--root", str(root), "--archive", str(archive))
+        assert "another dpt-data" not in err and "holds no BUSI/<class folder>/ image folder" in err  # not locked
+    assert run(capsys, "prepare", "BTMRI", "--root", str(root), "--archive", str(archive))[0] == 0

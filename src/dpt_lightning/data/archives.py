@@ -10,16 +10,18 @@
 * `install_dataset`: moves that folder to ``<root>/<DIR>`` with one rename. A dataset folder
   therefore exists only complete; a failed or interrupted unpack leaves its work folder in
   ``<root>/.dpt-data/`` (removed by the next run), never a half dataset.
-* `prepare_dataset`: the whole path from archives on disk to an installed dataset (``dpt-data
-  prepare``, and the second half of ``dpt-data download``).
+* `prepare_dataset` / `install_archives`: the whole path from archives on disk to an installed
+  dataset (``dpt-data prepare``, and the second half of ``dpt-data download``), one process at a
+  time per dataset and root (`dataset_lock`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import stat
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from dpt_lightning.data.catalogue import CatalogueEntry
@@ -36,6 +38,24 @@ DISK_MARGIN = 256 * 2 ** 20
 
 class DatasetInstallError(RuntimeError):
     """A dataset that cannot be unpacked or installed, in one message naming the file and what to do."""
+
+
+@contextlib.contextmanager
+def dataset_lock(root: Path, entry: CatalogueEntry) -> Iterator[None]:
+    """One ``dpt-data`` at a time per dataset and data root (an OS file lock, freed however the process ends)."""
+    from filelock import FileLock, Timeout
+
+    path = work_folder(root) / f"{entry.name}.lock"
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DatasetInstallError(f"another dpt-data is working on {entry.name} in {root} (lock {path}): wait for "
+                                  "it to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def gib(n: int) -> str:
@@ -213,9 +233,17 @@ def install_dataset(folder: Path, root: Path, entry: CatalogueEntry, replace: bo
 
 def prepare_dataset(entry: CatalogueEntry, archives: Sequence[Path], root: Path, replace: bool = False,
                     progress: bool = True) -> Path:
-    """Unpack ``archives`` (the dataset's zip, or the user's own archives of a licence-bound dataset,
-    which the entry's preparer turns into the layout) in ``<root>/.dpt-data/`` and install the
-    result as ``<root>/<DIR>``; returns that folder. Nothing is left in ``root`` on failure."""
+    """Install ``archives`` (the dataset's zip, or the user's own archives of a licence-bound dataset,
+    which the entry's preparer turns into the layout) as ``<root>/<DIR>``; returns that folder
+    (`install_archives`, under the dataset's lock)."""
+    with dataset_lock(root, entry):
+        return install_archives(entry, archives, root, replace, progress)
+
+
+def install_archives(entry: CatalogueEntry, archives: Sequence[Path], root: Path, replace: bool = False,
+                     progress: bool = True) -> Path:
+    """Unpack ``archives`` in ``<root>/.dpt-data/`` and install the result as ``<root>/<DIR>``
+    (`install_dataset`). Nothing is left in ``root`` on failure. The caller holds `dataset_lock`."""
     root = Path(root)
     target = root / entry.name
     if (target.exists() or target.is_symlink()) and not replace:
@@ -231,8 +259,8 @@ def prepare_dataset(entry: CatalogueEntry, archives: Sequence[Path], root: Path,
             unpacked.mkdir()
             entry.preparer(list(map(Path, archives)), unpacked)
         elif len(archives) != 1:
-            raise DatasetInstallError(f"{entry.name} comes as one archive, {entry.archive.filename if entry.archive else ''}"
-                                      f"; got {len(archives)}")
+            raise DatasetInstallError(f"{entry.name} comes as one archive, {entry.archive.filename}; got "
+                                      f"{len(archives)}")
         else:
             unpack_zip(Path(archives[0]), unpacked, progress)
         return install_dataset(locate_dataset(unpacked, entry), root, entry, replace)

@@ -18,13 +18,11 @@ Unpacking and installing are `archives.prepare_dataset`'s, so a dataset folder e
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dpt_lightning.data.archives import (DatasetInstallError, gib, os_error_message, prepare_dataset, require_space,
-                                         work_folder)
+from dpt_lightning.data.archives import (DatasetInstallError, dataset_lock, gib, install_archives, os_error_message,
+                                         require_space, work_folder)
 from dpt_lightning.data.catalogue import CatalogueEntry, HubArchive
 from dpt_lightning.files import is_sha256, sha256_file
 from dpt_lightning.hub_errors import http_status, hub_endpoint, hub_offline, is_not_found, is_transfer_error
@@ -37,24 +35,6 @@ def archive_url(archive: HubArchive) -> str:
     from huggingface_hub import hf_hub_url
 
     return hf_hub_url(archive.repo, archive.filename, repo_type=archive.repo_type, revision=archive.revision)
-
-
-@contextlib.contextmanager
-def dataset_lock(root: Path, entry: CatalogueEntry) -> Iterator[None]:
-    """One ``dpt-data`` at a time per dataset and data root (an OS file lock, freed however the process ends)."""
-    from filelock import FileLock, Timeout
-
-    path = work_folder(root) / f"{entry.name}.lock"
-    lock = FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise DownloadError(f"another dpt-data is working on {entry.name} in {root} (lock {path}): wait for it "
-                            "to finish") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _http_failure(err: Exception, entry: CatalogueEntry, root: Path, url: str, part: Path | None) -> DownloadError:
@@ -180,7 +160,7 @@ def download_dataset(entry: CatalogueEntry, root: Path, replace: bool = False, k
                             f"{entry.fetch_command(root, replace=True)}")
     with dataset_lock(root, entry):
         archive = fetch_archive(entry, root)
-        folder = prepare_dataset(entry, [archive], root, replace=replace, progress=progress)
+        folder = install_archives(entry, [archive], root, replace=replace, progress=progress)
         if not keep_archive:
             archive.unlink()
     return folder
