@@ -10,8 +10,9 @@ download code runs against it, without internet. What it implements, as the hub 
   ``X-Linked-Etag`` (its SHA-256), ``X-Linked-Size`` and ``X-Repo-Commit``. A missing repository,
   revision or file is a 404 with the hub's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
   ``EntryNotFound``), which huggingface_hub turns into its typed errors.
-* ``GET|HEAD /cdn/<sha256>?...`` on a second port (another origin, as the real CDN): the LFS content, with ``Range`` requests (206, ``Content-Range``),
-  which is what a resumed download sends.
+* ``GET|HEAD /cdn/<sha256>?...`` on a second port (another origin, as the real CDN, so that
+  huggingface_hub does not follow the redirect of a HEAD): the LFS content, with ``Range``
+  requests (206, ``Content-Range``), which is what a resumed download sends.
 * ``GET /api/<models|datasets>/<repo>[/revision/<revision>]``: the repository's info (``sha``,
   ``siblings``), which ``snapshot_download`` asks first.
 * ``GET /api/<models|datasets>/<repo>/tree/<revision>[/<path>]``: the file listing
@@ -170,11 +171,10 @@ class LoopbackHub:
             thread.join(timeout=5)
 
     def env(self, hf_home: Path, **extra: str) -> dict[str, str]:
-        """The environment variables of a process that downloads from this hub into ``hf_home``."""
-        return {"HF_ENDPOINT": self.url, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0",
-                "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
-                "HF_HUB_ETAG_TIMEOUT": "10", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                **extra}
+        """The environment variables of a process that downloads from this hub into ``hf_home``
+        (what a user's shell would have, with HF_ENDPOINT pointing here)."""
+        return {"HF_ENDPOINT": self.url, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **extra}
 
 
 _RESOLVE = re.compile(r"^/(?:(?P<kind>datasets|models)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")

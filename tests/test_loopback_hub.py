@@ -46,7 +46,8 @@ def hub_here(loopback_hub, btmri_zip, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", loopback_hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", loopback_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        loopback_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     # huggingface_hub writes in chunks of 10 MB; at 4 kB a cut in a small archive leaves bytes to resume from
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 4096)

@@ -4,7 +4,9 @@ Modules: ``splits`` (items, few-shot selection, base/novel labels, THE split bui
 ``dataset`` (dataset and epoch-seeded sampler), ``checks`` (problems of a split, the class rule),
 ``images`` (reading any image as RGB), ``errors``
 (`DataError`), ``datamodule`` (`MedicalDataModule`), ``benchmarks``, ``folder`` (image folder,
-CSV), ``demo``, ``facts``. The reference transforms live in `dpt_lightning.recipe`.
+CSV), ``demo``, ``facts``; for ``dpt-data``: ``catalogue`` (where each dataset comes from, its
+published counts), ``archives`` (safe unpacking into the layout), ``download`` (resumable, verified
+hub downloads), ``audit`` (the check report). The reference transforms live in `dpt_lightning.recipe`.
 """
 from dpt_lightning.data.benchmarks import (BENCHMARK_DATAMODULES, BenchmarkDataModule, BTMRIDataModule,
                                            BUSIDataModule, CHMNISTDataModule, COVID19DataModule,
