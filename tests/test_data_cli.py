@@ -275,3 +275,19 @@ def test_one_dpt_data_at_a_time_per_dataset_and_root(tmp_path, capsys):
         status, _, err = run(capsys, "prepare", "BUSI", "--root", str(root), "--archive", str(archive))
         assert "another dpt-data" not in err and "holds no BUSI/<class folder>/ image folder" in err  # not locked
     assert run(capsys, "prepare", "BTMRI", "--root", str(root), "--archive", str(archive))[0] == 0
+
+
+def test_replace_swaps_a_linked_dataset_folder_without_touching_what_it_points_to(tmp_path, capsys):
+    archive = tmp_path / "BTMRI.zip"
+    archive.write_bytes(benchmark_zip("BTMRI", tmp_path / "made"))
+    elsewhere = tmp_path / "elsewhere" / "BTMRI"
+    write_fake_dataset(tmp_path / "elsewhere", "BTMRI")
+    before = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "BTMRI").symlink_to(elsewhere)
+    assert run(capsys, "prepare", "BTMRI", "--root", str(root), "--archive", str(archive))[0] == 1  # kept
+    assert (root / "BTMRI").is_symlink()
+    assert run(capsys, "prepare", "BTMRI", "--root", str(root), "--archive", str(archive), "--replace")[0] == 0
+    assert not (root / "BTMRI").is_symlink() and (root / "BTMRI" / "split_BTMRI.json").is_file()
+    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before and work_files(root) == []

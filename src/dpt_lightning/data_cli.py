@@ -37,8 +37,9 @@ def cmd_list(args: argparse.Namespace) -> int:
               f"{entry.images or '?':>7}  {source}")
     print("\nOrigins and licence notes (summaries; the source page's terms apply):")
     for entry in CATALOGUE.values():
-        note = f" [{entry.counts_note}]" if entry.counts_note else ""
-        print(f"  {entry.name}: {entry.origin}, {entry.origin_url}\n      licence: {entry.licence}{note}")
+        print(f"  {entry.name}: {entry.origin}, {entry.origin_url}\n      licence: {entry.licence}")
+        if entry.counts_note:
+            print(f"      counts: {entry.counts_note}")
     print("\nArchive sizes come from the hub: dpt-data download all --root DIR --dry-run")
     return 0
 
@@ -137,7 +138,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpt-data", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True)
     names = {"nargs": "+", "metavar": "NAME", "help": "dataset folder names (dpt-data list), or all"}
     root = {"required": True, "help": "the folder that holds BTMRI/, BUSI/, ... (dpt's --data.root)"}

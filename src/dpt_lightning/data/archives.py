@@ -180,7 +180,7 @@ def _class_folders_found(image_dir: Path, entry: CatalogueEntry) -> int:
     return sum(name.replace(" ", "_").lower() in folders for name in entry.facts.classnames)
 
 
-def locate_dataset(unpacked: Path, entry: CatalogueEntry, max_depth: int = 3) -> Path:
+def locate_dataset(unpacked: Path, entry: CatalogueEntry, max_depth: int = 2) -> Path:
     """The folder of ``unpacked`` that holds ``<DIR>/`` with the class folders (and best also the
     split file): the dataset's folder, whatever the archive put above it."""
     name = entry.name
@@ -193,7 +193,8 @@ def locate_dataset(unpacked: Path, entry: CatalogueEntry, max_depth: int = 3) ->
                 classes = _class_folders_found(image_dir, entry)
                 if classes:
                     found.append((-(folder / f"split_{name}.json").is_file(), -classes, depth, folder))
-        level = [p for folder in level for p in sorted(folder.iterdir()) if p.is_dir() and not p.is_symlink()]
+        if depth < max_depth:
+            level = [p for folder in level for p in sorted(folder.iterdir()) if p.is_dir() and not p.is_symlink()]
     if not found:
         top = sorted(p.name + ("/" if p.is_dir() else "") for p in unpacked.iterdir())[:10]
         raise DatasetInstallError(f"the archive of {name} holds no {name}/<class folder>/ image folder (its top level: "
@@ -208,27 +209,36 @@ def install_dataset(folder: Path, root: Path, entry: CatalogueEntry, replace: bo
     ``<root>/<DIR>`` is an error unless ``replace``: then it is removed once the new copy is in place."""
     name, work = entry.name, work_folder(root)
     target, staged, old = Path(root) / name, work / f"{name}.install", work / f"{name}.replaced"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
-    (folder / name).rename(staged / name)
-    if (folder / f"split_{name}.json").is_file():
-        (folder / f"split_{name}.json").rename(staged / f"split_{name}.json")
-    if target.exists() or target.is_symlink():
-        if not replace:
-            raise DatasetInstallError(f"{target} exists: nothing was changed. To replace it: "
-                                      f"{entry.fetch_command(root, replace=True)}")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
+    if (target.exists() or target.is_symlink()) and not replace:
+        raise DatasetInstallError(f"{target} exists: nothing was changed. To replace it: "
+                                  f"{entry.fetch_command(root, replace=True)}")
+    _remove(staged)
+    _remove(old)
     try:
-        staged.rename(target)
-    except OSError:
-        if old.exists() and not target.exists():
-            old.rename(target)  # put the previous copy back
-        raise
+        staged.mkdir()
+        (folder / name).rename(staged / name)
+        if (folder / f"split_{name}.json").is_file():
+            (folder / f"split_{name}.json").rename(staged / f"split_{name}.json")
+        if target.exists() or target.is_symlink():
+            target.rename(old)
+        try:
+            staged.rename(target)
+        except OSError:
+            if (old.exists() or old.is_symlink()) and not target.exists():
+                old.rename(target)  # put the previous copy back
+            raise
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+        _remove(staged)
+    _remove(old)
     return target
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a folder, if it is there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare_dataset(entry: CatalogueEntry, archives: Sequence[Path], root: Path, replace: bool = False,
