@@ -59,3 +59,23 @@ def tiny_demo_backbone():
 QUICK_SEARCH = {"linear_probe": ["--model.init_args.c_grid=[1.0]", "--model.init_args.bisection_steps=0"],
                 "tip_adapter": ["--model.init_args.search_step=[20, 20]"],
                 "tip_adapter_f": ["--model.init_args.search_step=[20, 20]", "--model.init_args.init_alpha_scale=2"]}
+
+
+# ------------------------------------------------------------------------- the loopback hub (tests/hub.py)
+@pytest.fixture
+def loopback_hub():
+    """A Hugging Face hub on 127.0.0.1 (`hub.LoopbackHub`), empty; shut down after the test (and
+    after 10 minutes in any case). Processes reach it with ``env=hub.env(hf_home)``: conftest sets
+    HF_HUB_OFFLINE=1 for this process, so a subprocess's environment must say otherwise."""
+    from hub import LoopbackHub
+
+    with LoopbackHub(lifetime=600) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def tiny_biomedclip_dir(tmp_path_factory):
+    """The BiomedCLIP-shaped tiny model that the loopback hub serves under the real repository ids."""
+    from hub import tiny_biomedclip
+
+    return tiny_biomedclip(tmp_path_factory.mktemp("loopback-biomedclip"))

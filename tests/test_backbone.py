@@ -182,6 +182,7 @@ def test_download_biomedclip_writes_an_offline_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: [f.name for f in source.iterdir()])
+    monkeypatch.setattr(huggingface_hub, "list_repo_tree", lambda repo, recursive: [])  # no LFS digests to check
     folder = download_biomedclip(tmp_path / "biomedclip")
     loaded = BiomedCLIP(f"local-dir:{folder}")
     ids = loaded.tokenize(TEXTS)

@@ -6,6 +6,7 @@ cache folder and file modes.
   never half of one. ``exclusive=True`` never replaces an existing file.
 * `atomic_directory`: a folder is built under a temporary name and renamed into place once it is
   complete; when another process finished the same folder first, its copy is kept.
+* `sha256_file`: the SHA-256 of a file (downloads are checked against the digest the hub publishes).
 * `read_json`: a JSON file whose every failure (missing, a folder, not UTF-8, invalid, nested too
   deeply for the parser) is one error naming the file.
 * Files get the user's normal mode (``0o666`` minus the umask), not the ``0o600`` of a temporary
@@ -15,6 +16,7 @@ cache folder and file modes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["JSONFileError", "atomic_directory", "atomic_write", "cache_root", "default_file_mode", "read_json"]
+__all__ = ["JSONFileError", "atomic_directory", "atomic_write", "cache_root", "default_file_mode", "is_sha256",
+           "read_json", "sha256_file"]
 
 
 def cache_root() -> Path:
@@ -105,6 +108,20 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_sha256(text: str) -> bool:
+    """Is ``text`` a SHA-256 in hexadecimal (as the ETag the hub gives a large file is)?"""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of the file ``path``, as 64 hexadecimal digits (read in chunks: any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class JSONFileError(ValueError):

@@ -194,8 +194,20 @@ def require_download(name: str, cached: bool, where: str = "the Hugging Face cac
 
 
 def check_hub_access(name: str) -> None:
-    """`require_download` for an ``hf-hub:`` model."""
-    require_download(name, hub_is_cached(name[len("hf-hub:"):]))
+    """`require_download` for an ``hf-hub:`` model; one not in the cache is then fetched, verified,
+    before open_clip reads it (`fetch.prefetch_open_clip`: one message for a failed download)."""
+    repo = name[len("hf-hub:"):]
+    cached = hub_is_cached(repo)
+    require_download(name, cached)
+    if not cached:
+        from dpt_lightning.backbone.fetch import HubFetchError, prefetch_open_clip
+
+        try:
+            prefetch_open_clip(repo)
+        except HubFetchError as err:
+            raise BackboneLoadError(f"backbone {name!r}: {err}. The cache keeps no partial or damaged file: run the "
+                                    "same command again, or load a folder prepared elsewhere with 'local-dir:' "
+                                    "(README 'Offline use')") from None
 
 
 # ----------------------------------------------------------------------- open_clip's own tags
@@ -408,19 +420,27 @@ def download_backbone(name: str, folder: str | Path, text_repo: str | None = Non
     * a generated name (``tiny``, ...): a copy of the generated folder.
     """
     folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    if not name.startswith("hf-hub:"):  # an hf-hub: folder appears once all its files arrived (staged_folder)
+        folder.mkdir(parents=True, exist_ok=True)
     if name in GENERATED_NAMES:
         shutil.copytree(generated_model_dir(name), folder, dirs_exist_ok=True)
     elif name.startswith("hf-hub:"):
         import huggingface_hub
 
+        from dpt_lightning.backbone.fetch import HubFetchError, hub_errors, staged_folder, verify_folder
+
         repo = name[len("hf-hub:"):]
-        huggingface_hub.snapshot_download(repo, local_dir=folder,
-                                          ignore_patterns=skipped_hub_files(huggingface_hub.list_repo_files(repo)))
-        if not (folder / CONFIG_FILE).is_file():
-            raise BackboneLoadError(f"hub repository {repo} has no {CONFIG_FILE}: it is not an open_clip model "
-                                    f"(a transformers CLIPModel? then use 'hf-clip:{repo}')")
-        add_text_tower_files(folder, text_repo)
+        try:
+            with staged_folder(folder) as staging, hub_errors(f"downloading {repo}"):
+                huggingface_hub.snapshot_download(repo, local_dir=staging, ignore_patterns=skipped_hub_files(
+                    huggingface_hub.list_repo_files(repo)))
+                if not (staging / CONFIG_FILE).is_file():
+                    raise BackboneLoadError(f"hub repository {repo} has no {CONFIG_FILE}: it is not an open_clip "
+                                            f"model (a transformers CLIPModel? then use 'hf-clip:{repo}')")
+                add_text_tower_files(staging, text_repo)
+                verify_folder(repo, staging)
+        except HubFetchError as err:
+            raise BackboneLoadError(f"{err}; nothing was written to {folder}. Run the same command again") from None
     elif name.startswith("openclip:"):
         download_openclip(name, folder)
     elif name.startswith("hf-clip:"):

@@ -6,7 +6,9 @@ Modules: ``splits`` (items, few-shot selection, base/novel labels, THE split bui
 ``images`` (reading any image as RGB), ``dicom`` (DICOM files), ``errors``
 (`DataError`), ``datamodule`` (`MedicalDataModule`), ``benchmarks``, ``chest`` (ChestX-ray14,
 CheXpert), ``folder`` (image folder, CSV), ``tables`` (CSV files), ``multilabel`` (multi-label
-tables), ``demo``, ``facts``. The reference transforms live in `dpt_lightning.recipe`.
+tables), ``demo``, ``facts``; for ``dpt-data``: ``catalogue`` (where each dataset comes from, its
+published counts), ``archives`` (safe unpacking into the layout), ``download`` (resumable, verified
+hub downloads), ``audit`` (the check report). The reference transforms live in `dpt_lightning.recipe`.
 """
 from dpt_lightning.data.benchmarks import (BENCHMARK_DATAMODULES, BenchmarkDataModule, BTMRIDataModule,
                                            BUSIDataModule, CHMNISTDataModule, COVID19DataModule,
