@@ -192,22 +192,23 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism", [1, 2])
-def test_the_local_job_array_runs_at_most_array_parallelism_cells_at_once(parallelism, configs, tmp_path,
-                                                                         monkeypatch):
+def test_the_local_job_array_runs_at_most_array_parallelism_cells_at_once(configs, tmp_path, monkeypatch):
+    """submitit's local executor starts every task at once (4 cells of 3 s each: 3 or 4 at once
+    before the fix); with --array-parallelism 2 never more than 2 cells run at once."""
+    parallelism = 2
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HELPERS), os.environ.get("PYTHONPATH")])))
     grid = load_grid(grid_file(configs, methods=["../trainers/coop.yaml"], shots=[1], seeds=[1, 2, 3, 4]))
     out = tmp_path / "out"
     bench_local.write_grid_copy(grid, out)
     todo = expand(grid)
     options = bench_slurm.SlurmOptions(cluster="local", array_parallelism=parallelism)
-    monkeypatch.setenv("BENCH_FAKE_SLEEP", ",".join(f"{run.run_id}=1.5" for run in todo))
+    monkeypatch.setenv("BENCH_FAKE_SLEEP", ",".join(f"{run.run_id}=3" for run in todo))
     submitted = bench_slurm.submit(out, grid, todo, options, executor_spec="bench_helpers:timed_execute")
     counts = bench_slurm.wait(out, submitted, stream=open(os.devnull, "w"), poll=0.2)
     assert counts == {"executed": 4, "failed": 0, "missing": 0}
     intervals = [tuple(map(float, (bench_folder.cell_dir(out, run.run_id) / "interval.txt").read_text().split()))
                  for run in todo]
-    assert most_at_once(intervals) == parallelism
+    assert most_at_once(intervals) <= parallelism
     records = [json.loads(line) for line in (out / "submitit" / "submissions.jsonl").read_text().splitlines()]
     assert sorted(r["run_id"] for r in records) == sorted(run.run_id for run in todo)
     assert len({r["job_id"] for r in records}) == parallelism  # one task per lane, each cell recorded

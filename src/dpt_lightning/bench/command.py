@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="submitit: submit the unfinished cells as one job array and return (see --wait)")
     slurm.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                        help="where submitit runs the array: SLURM (default), or this machine (submitit's local "
-                            "executor, all tasks at once)")
+                            "executor: all tasks at once, or at most --array-parallelism)")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--time", help="time limit of one task: minutes, HH:MM:SS or D-HH:MM:SS (required for "
                                       "SLURM; a task that reaches it is requeued and resumes its checkpoint)")
