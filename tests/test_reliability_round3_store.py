@@ -5,12 +5,12 @@ and a dpt-prompts that imports nothing heavy."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -174,12 +174,9 @@ def grid_file(folder: Path, **settings) -> Path:
     return write(folder / "grids/g.yaml", data)
 
 
-class FakeExecutor:
-    def __init__(self, acc: float = 0.5):
-        self.acc = acc
-
-    def __call__(self, stages, run_dir):
-        return {"status": "ok", "error": "", "acc": self.acc, "train_seconds": 1.0, "eval_seconds": 0.5}
+def fake_executor(stages, run_dir) -> dict:
+    """Stands in for `job.execute`: trains nothing."""
+    return {"status": "ok", "error": "", "acc": 0.5, "train_seconds": 1.0, "eval_seconds": 0.5}
 
 
 def most_at_once(intervals: list[tuple[float, float]]) -> int:
@@ -189,6 +186,14 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
+
+
+def test_local_array_cells_are_dealt_into_array_parallelism_lanes(configs):
+    cells = expand(load_grid(grid_file(configs, methods=["../trainers/coop.yaml"], shots=[1], seeds=[1, 2, 3, 4, 5])))
+    local = bench_slurm.lanes(cells, bench_slurm.SlurmOptions(cluster="local", array_parallelism=2))
+    assert [[c.seed for c in lane] for lane in local] == [[1, 3, 5], [2, 4]]
+    assert len(bench_slurm.lanes(cells, bench_slurm.SlurmOptions(cluster="local"))) == 5  # not asked: all at once
+    assert len(bench_slurm.lanes(cells, bench_slurm.SlurmOptions(array_parallelism=2))) == 5  # SLURM's own %2
 
 
 @pytest.mark.slow
@@ -204,7 +209,7 @@ def test_the_local_job_array_runs_at_most_array_parallelism_cells_at_once(config
     options = bench_slurm.SlurmOptions(cluster="local", array_parallelism=parallelism)
     monkeypatch.setenv("BENCH_FAKE_SLEEP", ",".join(f"{run.run_id}=3" for run in todo))
     submitted = bench_slurm.submit(out, grid, todo, options, executor_spec="bench_helpers:timed_execute")
-    counts = bench_slurm.wait(out, submitted, stream=open(os.devnull, "w"), poll=0.2)
+    counts = bench_slurm.wait(out, submitted, stream=io.StringIO(), poll=0.2)
     assert counts == {"executed": 4, "failed": 0, "missing": 0}
     intervals = [tuple(map(float, (bench_folder.cell_dir(out, run.run_id) / "interval.txt").read_text().split()))
                  for run in todo]
@@ -222,10 +227,10 @@ def test_collect_during_a_run_then_after_it_leaves_one_complete_summary(configs,
     bench_local.write_grid_copy(grid, out)
     runs = expand(grid)
     for run in runs[:3]:  # the run is under way: 3 of its cells have a result
-        bench_job.run_cell(out, run, FakeExecutor())
+        bench_job.run_cell(out, run, fake_executor)
     assert out / "summary.md" in collect(out)
     assert "still running or to do" in (out / "summary.md").read_text()
-    run_grid(grid, out, executor=FakeExecutor(), stream=open(os.devnull, "w"))
+    run_grid(grid, out, executor=fake_executor, stream=io.StringIO())
     complete = collect(out)  # the grid finished: the partial summary is replaced, nothing dated beside it
     assert out / "summary.md" in complete and not list(out.glob("summary-*.md"))
     text = (out / "summary.md").read_text()
@@ -249,7 +254,7 @@ def test_collect_during_a_run_then_after_it_leaves_one_complete_summary(configs,
 def test_collect_names_a_corrupted_result_file_and_what_to_do(configs, tmp_path, capsys):
     grid = load_grid(grid_file(configs))
     out = tmp_path / "out"
-    run_grid(grid, out, executor=FakeExecutor(), stream=open(os.devnull, "w"))
+    run_grid(grid, out, executor=fake_executor, stream=io.StringIO())
     broken = bench_folder.cell_dir(out, expand(grid)[1].run_id) / "result.json"
     broken.write_text('{"status": "ok", "acc": 0.')
     capsys.readouterr()

@@ -130,14 +130,15 @@ class FeatureStore:
         try:
             self.limit = limit_bytes()
         except ValueError as err:
-            self.stop_writing(f"{err} (set it to a number, e.g. {DEFAULT_LIMIT_GB:g})")
+            self.stop_writing(str(err), f"set DPT_FEATURE_STORE_GB to a number of gigabytes (default "
+                                        f"{DEFAULT_LIMIT_GB:g})")
 
-    def stop_writing(self, reason: str) -> None:
-        """Go on without storing (the one warning of this store, naming ``reason``)."""
+    def stop_writing(self, reason: str, remedy: str = "make the folder writable, free space, or point "
+                                                      "DPT_CACHE_DIR to another folder") -> None:
+        """Go on without storing (the one warning of this store, naming ``reason`` and ``remedy``)."""
         self.read_only, self.new = reason, {}
         rank_zero_warn(f"feature store {self.folder}: {reason}; this run goes on without storing image features "
-                       "(they are computed as usual, the results are the same). Make the folder writable, free "
-                       "space, or point DPT_CACHE_DIR to another folder")
+                       f"(they are computed as usual, the results are the same). To store them, {remedy}")
 
     # ------------------------------------------------------------------ reading
     def _load_group(self, group: str) -> None:

@@ -111,6 +111,26 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _read_text(path: Path, what: str, kind: str, error: type[ValueError]) -> str:
+    """The UTF-8 text of ``path`` (a ``what`` in ``kind`` format, for messages); a missing file is
+    a ``FileNotFoundError``, a folder, an unreadable file or bytes that are not UTF-8 an ``error``
+    naming the file (and the line of the first byte that is not UTF-8)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a {what} (give the path of the {kind} file)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise error(f"{path}: line {line} is not UTF-8 text ({err.reason} at byte {err.start}); save the {what} "
+                    "as UTF-8") from None
+
+
 class JSONFileError(ValueError):
     """A JSON file that cannot be read, in one line naming the file and what to do."""
 
@@ -123,17 +143,7 @@ def read_json(path: str | Path, what: str) -> object:
     ``RecursionError`` naming no file) are a `JSONFileError` naming the file.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise JSONFileError(f"{path}: is a folder, not a {what} (give the path of the JSON file)")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise JSONFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the {what} "
-                            "as UTF-8") from None
-    except OSError as err:
-        raise JSONFileError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    text = _read_text(path, what, "JSON", JSONFileError)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -155,20 +165,7 @@ def read_yaml(path: str | Path, what: str) -> dict:
     `YAMLFileError` naming the file and the line.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise YAMLFileError(f"{path}: is a folder, not a {what} (give the path of the YAML file)")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise YAMLFileError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise YAMLFileError(f"{path}, line {line}: not UTF-8 text (byte {data[err.start]:#04x}); save the {what} "
-                            "as UTF-8") from None
+    text = _read_text(path, what, "YAML", YAMLFileError)
     try:
         content = yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:

@@ -1,6 +1,7 @@
 """``dpt-bench GRID.yaml``: every method side by side over datasets, shots and seeds.
 
-A grid (`grid`: its keys, checks and expansion into cells) is run into one run folder
+A grid (`grid`: its keys, checks and expansion into cells; `schema`: the typed check of its file)
+is run into one run folder
 (`folder`: its layout). Each cell runs through the ``dpt`` command's own code (`job.run_cell`),
 whoever runs it: this process, N local worker processes (`local`, ``--workers N``) or a SLURM job
 array through submitit (`slurm`, ``--launcher submitit``). A cell is claimed before it runs and

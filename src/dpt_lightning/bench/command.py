@@ -111,8 +111,12 @@ def _report_store() -> None:
 
     size, shards = store_size()
     if shards:
-        print(f"dpt-bench: feature store {store_root()}: {size / 2**20:.1f} MiB in {shards} shard(s), bounded at "
-              f"{limit_bytes() / 2**30:.1f} GiB (DPT_FEATURE_STORE_GB); empty it with dpt-bench --clear-cache")
+        try:
+            bound = f"bounded at {limit_bytes() / 2**30:.1f} GiB (DPT_FEATURE_STORE_GB)"
+        except ValueError as err:  # the runs warned and did not store; say it once more, without a traceback
+            bound = f"not written by these runs: {err}"
+        print(f"dpt-bench: feature store {store_root()}: {size / 2**20:.1f} MiB in {shards} shard(s), {bound}; "
+              "empty it with dpt-bench --clear-cache")
 
 
 def _collect(folder: Path, overwrite: bool) -> int:
