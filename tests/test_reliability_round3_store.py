@@ -114,9 +114,10 @@ def test_fit_with_a_full_disk_under_the_store_finishes_with_its_checkpoint(store
 
 def test_a_bad_store_size_setting_warns_at_start_and_the_run_stores_nothing(store_root, monkeypatch, tmp_path,
                                                                             tiny_demo_backbone):
-    monkeypatch.setenv("DPT_FEATURE_STORE_GB", "lots")
-    with pytest.warns(UserWarning, match=r"DPT_FEATURE_STORE_GB='lots'.*without storing"):
-        features.FeatureStore("digest", "plain")  # at start, not at the first flush
+    for value in ("-1", "inf", "lots"):
+        monkeypatch.setenv("DPT_FEATURE_STORE_GB", value)
+        with pytest.warns(UserWarning, match=rf"DPT_FEATURE_STORE_GB='{value}'.*without storing"):
+            assert features.FeatureStore("digest", "plain").read_only  # at start, not at the first flush
     out = tmp_path / "predictions.csv"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

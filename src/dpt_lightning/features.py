@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -79,9 +80,12 @@ def limit_bytes() -> int:
     """The store's size bound: ``DPT_FEATURE_STORE_GB`` (default 20) gigabytes."""
     value = os.environ.get("DPT_FEATURE_STORE_GB", str(DEFAULT_LIMIT_GB))
     try:
-        return int(float(value) * 2**30)
+        gigabytes = float(value)
     except ValueError:
-        raise ValueError(f"DPT_FEATURE_STORE_GB={value!r} is not a number of gigabytes") from None
+        gigabytes = math.nan
+    if not math.isfinite(gigabytes) or gigabytes < 0:
+        raise ValueError(f"DPT_FEATURE_STORE_GB={value!r} is not a number of gigabytes (0 or more)")
+    return int(gigabytes * 2**30)
 
 
 def encode_shard(entries: dict[tuple, Tensor]) -> bytes:
