@@ -366,8 +366,8 @@ def unreadable_section(unreadable: list[str], folder: Path) -> str:
     if not unreadable:
         return ""
     lines = [f"- `{problem}`" for problem in unreadable]
-    return (f"## Unreadable result files ({len(unreadable)})\n\nLeft out of the tables above; their cells count as "
-            f"not run: run them again with `dpt-bench --resume {folder}`.\n\n" + "\n".join(lines))
+    return (f"## Unreadable result files ({len(unreadable)})\n\nLeft out of the tables above; their cells count "
+            f"as not run: run them again with `dpt-bench --resume {folder}`.\n\n" + "\n".join(lines))
 
 
 def failures_section(rows: list[dict]) -> str:
@@ -402,8 +402,8 @@ def summary_markdown(grid, rows: list[dict], folder: Path, pending: int = 0,
         "(zero-shot) has one value per dataset, shown at every K.",
     ]
     if pending:
-        header += ["", f"**Provisional:** {pending} cell(s) of the grid are still running or to do; the next collect "
-                       f"replaces this file. {PROVISIONAL}"]
+        header += ["", f"**Provisional:** {pending} cell(s) of the grid are still running or to do; the next "
+                       f"collect replaces this file. {PROVISIONAL}"]
     if not published_rows:
         header.append("\nThe papers' published averages are not shown: this grid's datasets are not the benchmark's.")
     parts, series, points = ["\n".join(header)], {}, {}
@@ -416,7 +416,8 @@ def summary_markdown(grid, rows: list[dict], folder: Path, pending: int = 0,
     if backbone_labels(original):
         parts.append(backbones_section(original, series, points))
     parts.append(cost_section(grid, table))
-    parts += [section for section in (failures_section(rows), unreadable_section(list(unreadable), folder)) if section]
+    sections = (failures_section(rows), unreadable_section(list(unreadable), folder))
+    parts += [section for section in sections if section]
     return "\n\n".join(parts) + "\n", series, points
 
 
@@ -493,7 +494,8 @@ def _finish(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> P
 # --------------------------------------------------------------------------- writing
 def summaries(folder: Path) -> list[Path]:
     """The summaries of a run folder, oldest first: ``summary.md``, then the dated ones."""
-    dated = sorted(p for p in Path(folder).glob("summary-*.md") if re.fullmatch(f"summary-{STAMP_PATTERN}.md", p.name))
+    dated = sorted(p for p in Path(folder).glob("summary-*.md")
+                   if re.fullmatch(f"summary-{STAMP_PATTERN}.md", p.name))
     return [p for p in [Path(folder) / "summary.md", *dated] if p.is_file()]
 
 

@@ -61,7 +61,8 @@ def parse(value, hint, place: Place = ()) -> tuple[object, list[Problem]]:
 def _parse(value, hint, place: Place, problems: list[Problem]):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Annotated:
-        return _axis(value, args[0], place, problems) if AXIS in args[1:] else _parse(value, args[0], place, problems)
+        check = _axis if AXIS in args[1:] else _parse
+        return check(value, args[0], place, problems)
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -96,16 +97,16 @@ def _is(value, hint) -> bool:
 
 def _axis(value, hint, place: Place, problems: list[Problem]):
     if value is None or value == []:
-        problems.append(Problem(place, "must be a non-empty list: give at least one value (or leave the key out for "
-                                       "its default)"))
+        problems.append(Problem(place, "must be a non-empty list: give at least one value (or leave the key "
+                                       "out for its default)"))
         return value
     found = len(problems)
     value = _parse(value, hint, place, problems)
     items = value if isinstance(value, list) else [value]
     repeated = [item for i, item in enumerate(items) if item in items[:i]]
     if repeated and len(problems) == found:
-        problems.append(Problem(place, f"has values that appear twice: {show(repeated, kind=False)} (each value of "
-                                       "an axis makes its own cells: give it once)"))
+        problems.append(Problem(place, f"has values that appear twice: {show(repeated, kind=False)} (each "
+                                       "value of an axis makes its own cells: give it once)"))
     return items
 
 
