@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpt_lightning.data.facts import dataset_facts
 from dpt_lightning.descriptions import (
     SHIPPED_ALIASES,
     DescriptionBankError,
@@ -30,6 +29,8 @@ from dpt_lightning.descriptions import (
 
 
 def _dataset_classes(dataset: str) -> list[str]:
+    from dpt_lightning.data.facts import dataset_facts  # the data package imports torch: only for --dataset
+
     try:
         return list(dataset_facts(dataset).classnames)
     except KeyError as err:

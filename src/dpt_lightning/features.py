@@ -20,10 +20,20 @@ complete or absent, never partial, and never modified. Two processes that comput
 write two shards with the same values, which is harmless. A run loads only the shards of the groups
 it asks for. The store's total size is bounded (``DPT_FEATURE_STORE_GB``, default 20): the oldest
 shards are deleted beyond it, with a warning. ``dpt-bench --clear-cache`` empties it.
+
+A shard starts with a header and the SHA-256 of its content, checked on every read: a shard whose
+bytes changed (a bad disk, an edit, a copy cut short, an older format) is never served; it is
+removed with one warning and its features are recomputed. The store is a cache and never stops a
+run: when it cannot be written (a read-only shared folder, a full disk, a ``DPT_FEATURE_STORE_GB``
+that is not a number, found when the store opens), one warning names the folder or file and the
+reason, and the run goes on without storing (still reading what is there).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -36,6 +46,9 @@ from torch import Tensor, nn
 from dpt_lightning.files import atomic_write, cache_root
 
 DEFAULT_LIMIT_GB = 20.0
+#: The first bytes of a shard (format 1: followed by the SHA-256 of the rest, then ``torch.save``'s bytes).
+SHARD_HEADER = b"dpt-features-1\n"
+DIGEST_BYTES = 32
 
 
 def store_root() -> Path:
@@ -67,9 +80,38 @@ def limit_bytes() -> int:
     """The store's size bound: ``DPT_FEATURE_STORE_GB`` (default 20) gigabytes."""
     value = os.environ.get("DPT_FEATURE_STORE_GB", str(DEFAULT_LIMIT_GB))
     try:
-        return int(float(value) * 2**30)
+        gigabytes = float(value)
     except ValueError:
-        raise ValueError(f"DPT_FEATURE_STORE_GB={value!r} is not a number of gigabytes") from None
+        gigabytes = math.nan
+    if not math.isfinite(gigabytes) or gigabytes < 0:
+        raise ValueError(f"DPT_FEATURE_STORE_GB={value!r} is not a number of gigabytes (0 or more)")
+    return int(gigabytes * 2**30)
+
+
+def encode_shard(entries: dict[tuple, Tensor]) -> bytes:
+    """A shard's bytes: `SHARD_HEADER`, the SHA-256 of the payload, the payload (``torch.save``)."""
+    buffer = io.BytesIO()
+    torch.save(entries, buffer)
+    payload = buffer.getvalue()
+    return SHARD_HEADER + hashlib.sha256(payload).digest() + payload
+
+
+def decode_shard(data: bytes) -> dict[tuple, Tensor]:
+    """The entries of a shard's bytes; a `ValueError` saying why when they are not a shard of this
+    format whose content matches its checksum."""
+    start = len(SHARD_HEADER) + DIGEST_BYTES
+    if not data.startswith(SHARD_HEADER) or len(data) < start:
+        raise ValueError("no shard header (an older format, or altered)")
+    payload = memoryview(data)[start:]
+    if hashlib.sha256(payload).digest() != data[len(SHARD_HEADER):start]:
+        raise ValueError("its content does not match its checksum")
+    try:
+        entries = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever torch reports, the shard is not usable
+        raise ValueError(f"unreadable ({type(err).__name__})") from None
+    if not isinstance(entries, dict):
+        raise ValueError("not a mapping of features")
+    return entries
 
 
 class FeatureStore:
@@ -87,15 +129,40 @@ class FeatureStore:
         self.new: dict[str, dict[tuple, Tensor]] = {}
         self.groups: set[str] = set()
         self.hits = self.misses = 0
+        self.read_only: str | None = None  # why this store stopped writing, if it did
+        self.limit: int | None = None  # bytes, DPT_FEATURE_STORE_GB read when the store opens
+        try:
+            self.limit = limit_bytes()
+        except ValueError as err:
+            self.stop_writing(str(err), f"set DPT_FEATURE_STORE_GB to a number of gigabytes (default "
+                                        f"{DEFAULT_LIMIT_GB:g})")
+
+    def stop_writing(self, reason: str, remedy: str = "make the folder writable, free space, or point "
+                                                      "DPT_CACHE_DIR to another folder") -> None:
+        """Go on without storing (the one warning of this store, naming ``reason`` and ``remedy``)."""
+        self.read_only, self.new = reason, {}
+        rank_zero_warn(f"feature store {self.folder}: {reason}; this run goes on without storing image features "
+                       f"(they are computed as usual, the results are the same). To store them, {remedy}")
 
     # ------------------------------------------------------------------ reading
     def _load_group(self, group: str) -> None:
         self.groups.add(group)
+        rejected = []
         for shard in sorted(self.folder.glob(f"{group}-*.pt")):
             try:
-                self.entries.update(torch.load(shard, map_location="cpu", weights_only=True))
-            except Exception:  # noqa: BLE001 - deleted by a size limit meanwhile, or foreign: skip it
+                data = shard.read_bytes()
+            except OSError:  # deleted by a size limit meanwhile, or unreadable: a miss
                 continue
+            try:
+                self.entries.update(decode_shard(data))
+            except ValueError as err:
+                rejected.append(f"{shard.name}: {err}")
+                with contextlib.suppress(OSError):
+                    shard.unlink()  # recomputed and stored again by this run
+        if rejected:
+            rank_zero_warn(f"feature store {self.folder}: {len(rejected)} shard(s) failed their checksum check and "
+                           f"are not served ({'; '.join(rejected[:3])}{' ...' if len(rejected) > 3 else ''}); "
+                           "removed, their features are recomputed")
 
     def get(self, path: str, view: str) -> Tensor | None:
         """The stored feature of ``path`` seen as ``view``; None if absent or if the view cannot be
@@ -126,16 +193,23 @@ class FeatureStore:
         key = (*file_identity(path), view)
         value = feature.detach().cpu().clone()
         self.entries[key] = value
-        self.new.setdefault(view.split(":", 1)[0], {})[key] = value
+        if self.read_only is None:
+            self.new.setdefault(view.split(":", 1)[0], {})[key] = value
 
     def flush(self) -> None:
-        """Write the new features as one shard per group, atomically; then keep the size bound."""
-        if not self.new:
+        """Write the new features as one shard per group, atomically; then keep the size bound. A
+        write error stops the storing (`stop_writing`), never the run."""
+        new, self.new = self.new, {}
+        if not new:
             return
-        for group, entries in self.new.items():
-            atomic_write(self.folder / f"{group}-{uuid.uuid4().hex[:12]}.pt", lambda f: torch.save(entries, f))
-        self.new = {}
-        enforce_limit(self.root)
+        shard = self.folder
+        try:
+            for group, entries in new.items():
+                shard = self.folder / f"{group}-{uuid.uuid4().hex[:12]}.pt"
+                atomic_write(shard, encode_shard(entries))
+            enforce_limit(self.root, self.limit)
+        except OSError as err:
+            self.stop_writing(f"cannot write {err.filename or shard} ({err.strerror or err})")
 
 
 def shards(root: Path) -> list[tuple[Path, int]]:
@@ -165,7 +239,10 @@ def enforce_limit(root: Path, limit: int | None = None) -> int:
     for path, size in files:
         if total - freed <= limit:
             break
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # another user's shard in a shared store, a read-only folder: kept
+            continue
         freed += size
     if freed:
         rank_zero_warn(f"feature store {root}: removed {freed / 2**20:.1f} MiB of the oldest features to stay within "

@@ -8,7 +8,8 @@ cache folder and file modes.
   complete; when another process finished the same folder first, its copy is kept.
 * `sha256_file`: the SHA-256 of a file (downloads are checked against the digest the hub publishes).
 * `read_json`: a JSON file whose every failure (missing, a folder, not UTF-8, invalid, nested too
-  deeply for the parser) is one error naming the file.
+  deeply for the parser) is one error naming the file; `read_yaml` the same for a YAML file of
+  settings, with the line.
 * Files get the user's normal mode (``0o666`` minus the umask), not the ``0o600`` of a temporary
   file, so that others in a shared group can read checkpoints and results as they can any file the
   user writes.
@@ -25,8 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["JSONFileError", "atomic_directory", "atomic_write", "cache_root", "default_file_mode", "is_sha256",
-           "read_json", "sha256_file"]
+import yaml
+
+__all__ = ["JSONFileError", "YAMLFileError", "atomic_directory", "atomic_write", "cache_root", "default_file_mode",
+           "is_sha256", "read_json", "read_yaml", "sha256_file"]
 
 
 def cache_root() -> Path:
@@ -124,6 +127,26 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _read_text(path: Path, what: str, kind: str, error: type[ValueError]) -> str:
+    """The UTF-8 text of ``path`` (a ``what`` in ``kind`` format, for messages); a missing file is
+    a ``FileNotFoundError``, a folder, an unreadable file or bytes that are not UTF-8 an ``error``
+    naming the file (and the line of the first byte that is not UTF-8)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a {what} (give the path of the {kind} file)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise error(f"{path}: line {line} is not UTF-8 text ({err.reason} at byte {err.start}); save the {what} "
+                    "as UTF-8") from None
+
+
 class JSONFileError(ValueError):
     """A JSON file that cannot be read, in one line naming the file and what to do."""
 
@@ -136,17 +159,7 @@ def read_json(path: str | Path, what: str) -> object:
     ``RecursionError`` naming no file) are a `JSONFileError` naming the file.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise JSONFileError(f"{path}: is a folder, not a {what} (give the path of the JSON file)")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise JSONFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the {what} "
-                            "as UTF-8") from None
-    except OSError as err:
-        raise JSONFileError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    text = _read_text(path, what, "JSON", JSONFileError)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -154,3 +167,34 @@ def read_json(path: str | Path, what: str) -> object:
     except RecursionError:
         raise JSONFileError(f"{path}: lists or objects nested too deeply to be a {what} (a {what} is at most "
                             "a few levels deep)") from None
+
+
+class YAMLFileError(ValueError):
+    """A YAML file that cannot be read, in one line naming the file, the line and what to do."""
+
+
+def read_yaml(path: str | Path, what: str) -> dict:
+    """The settings of the UTF-8 YAML file ``path``: a mapping (an empty file: ``{}``).
+
+    A missing file is a ``FileNotFoundError``; a folder, an unreadable file, bytes that are not
+    UTF-8, invalid YAML and a top level that is not a mapping (a list, a bare value) are a
+    `YAMLFileError` naming the file and the line.
+    """
+    path = Path(path)
+    text = _read_text(path, what, "YAML", YAMLFileError)
+    try:
+        content = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = "; ".join(" ".join(part.split()) for part in (err.context, err.problem) if part)
+        raise YAMLFileError(f"{path}{where}: not valid YAML ({reason})") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise YAMLFileError(f"{path}: not valid YAML ({' '.join(str(err).split()) or 'nested too deeply'})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        start = yaml.compose(text, Loader=yaml.SafeLoader).start_mark.line + 1
+        kind = "a list" if isinstance(content, list) else f"the value {str(content)[:40]!r}"
+        raise YAMLFileError(f"{path}, line {start}: a {what} is a mapping of settings (key: value), not {kind}")
+    return content

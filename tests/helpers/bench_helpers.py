@@ -62,3 +62,11 @@ def fake_execute(stages, run_dir: Path) -> dict:
     if name in _listed("BENCH_FAKE_FAIL"):
         return {"status": "failed", "error": "RuntimeError: boom"}
     return {"status": "ok", "error": "", "acc": 0.5, "train_seconds": 1.0, "eval_seconds": 0.5}
+
+
+def timed_execute(stages, run_dir: Path) -> dict:
+    """`fake_execute` that also writes when the cell started and ended (``interval.txt``)."""
+    started = time.time()
+    row = fake_execute(stages, run_dir)
+    (Path(run_dir) / "interval.txt").write_text(f"{started} {time.time()}\n")
+    return row

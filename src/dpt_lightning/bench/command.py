@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="submitit: submit the unfinished cells as one job array and return (see --wait)")
     slurm.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                        help="where submitit runs the array: SLURM (default), or this machine (submitit's local "
-                            "executor, all tasks at once)")
+                            "executor: all tasks at once, or at most --array-parallelism)")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--time", help="time limit of one task: minutes, HH:MM:SS or D-HH:MM:SS (required for "
                                       "SLURM; a task that reaches it is requeued and resumes its checkpoint)")
@@ -111,8 +111,12 @@ def _report_store() -> None:
 
     size, shards = store_size()
     if shards:
-        print(f"dpt-bench: feature store {store_root()}: {size / 2**20:.1f} MiB in {shards} shard(s), bounded at "
-              f"{limit_bytes() / 2**30:.1f} GiB (DPT_FEATURE_STORE_GB); empty it with dpt-bench --clear-cache")
+        try:
+            bound = f"bounded at {limit_bytes() / 2**30:.1f} GiB (DPT_FEATURE_STORE_GB)"
+        except ValueError as err:  # the runs warned and did not store; say it once more, without a traceback
+            bound = f"not written by these runs: {err}"
+        print(f"dpt-bench: feature store {store_root()}: {size / 2**20:.1f} MiB in {shards} shard(s), {bound}; "
+              "empty it with dpt-bench --clear-cache")
 
 
 def _collect(folder: Path, overwrite: bool) -> int:

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from dpt_lightning.bench.grid import Grid, GridError, Run
-from dpt_lightning.files import atomic_write
+from dpt_lightning.files import JSONFileError, atomic_write, read_json
 
 RESULTS = "results.csv"
 GRID_COPY = "grid.yaml"
@@ -39,14 +39,20 @@ def cell_dir(folder: Path, run_id: str) -> Path:
     return Path(folder) / "runs" / run_id
 
 
+def load_result(path: Path) -> dict:
+    """A cell's result file; `JSONFileError` naming it when it is not a readable row."""
+    row = read_json(path, "result file")
+    if not isinstance(row, dict):
+        raise JSONFileError(f"{path}: not a result row (a JSON object), but {type(row).__name__}")
+    return row
+
+
 def read_result(folder: Path, run_id: str) -> dict | None:
     """The row a cell stored when it ended (None: it never ended, or the file is unreadable)."""
-    path = cell_dir(folder, run_id) / RESULT
     try:
-        row = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return load_result(cell_dir(folder, run_id) / RESULT)
+    except (OSError, JSONFileError):
         return None
-    return row if isinstance(row, dict) else None
 
 
 def write_result(folder: Path, run_id: str, row: dict) -> Path:
@@ -60,14 +66,23 @@ def is_done(row: dict | None, run: Run, fingerprint: str | None = None) -> bool:
             and row.get("fingerprint") == (fingerprint or run.fingerprint()))
 
 
-def stored_results(folder: Path, run_ids: list[str] | None = None) -> list[dict]:
+def stored_results(folder: Path, run_ids: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """The rows of every cell with a result file: the grid's cells first, in ``run_ids`` order,
-    then any others (cells of an earlier version of the grid) by name."""
+    then any others (cells of an earlier version of the grid) by name; and the result files that
+    could not be read, each with the reason (``"<path>: <reason>"``)."""
     runs = Path(folder) / "runs"
     present = sorted(p.name for p in runs.iterdir() if (p / RESULT).is_file()) if runs.is_dir() else []
     order = [i for i in (run_ids or []) if i in set(present)]
     order += [i for i in present if i not in set(order)]
-    return [row for row in (read_result(folder, i) for i in order) if row is not None]
+    rows, unreadable = [], []
+    for run_id in order:
+        try:
+            rows.append(load_result(cell_dir(folder, run_id) / RESULT))
+        except FileNotFoundError:  # moved aside meanwhile (a cell starting again)
+            continue
+        except (OSError, JSONFileError) as err:
+            unreadable.append(str(err))
+    return rows, unreadable
 
 
 def read_results(folder: Path) -> list[dict]:

@@ -2,9 +2,11 @@
 
 A grid names methods (method configs), datasets (dataset configs and their data root), shots,
 seeds, the protocol(s) and overrides; `load_grid` reads and checks it (every problem names the
-file and the key), `expand` turns it into `Run` objects (the cells of the grid), and each `Run`
-knows the ``dpt`` arguments that execute it and the fingerprint that says whether a stored result
-is still valid.
+file, the line and the key), `expand` turns it into `Run` objects (the cells of the grid), and each
+`Run` knows the ``dpt`` arguments that execute it and the fingerprint that says whether a stored
+result is still valid. `GridSpec` declares the keys and their types (`schema` checks a file against
+it: ``fit: 'false'`` is text, not a boolean; an axis such as ``seeds`` is a non-empty list without
+repeats); every config file the grid names is read, and checked to be a YAML mapping, at load.
 
 Grid keys (paths are relative to the grid file)::
 
@@ -17,7 +19,7 @@ Grid keys (paths are relative to the grid file)::
       - ../datasets/btmri.yaml
     data_root: ${DPT_DATA_ROOT}       # --data.root of every dataset without its own root ($VARS expand)
     shots: [1, 2, 4, 8, 16]           # base2novel: default [16]
-    seeds: [1, 2, 3]
+    seeds: [1, 2, 3]                  # left out: [1]
     backbones:                        # optional axis: --model.init_args.backbone=<id> per cell
       - hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
       - {backbone: openclip:ViT-B-16/openai, name: clip}   # name: the label in cell names and tables
@@ -44,14 +46,14 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from dpt_lightning.bench.schema import AXIS, line_of, parse
+from dpt_lightning.files import YAMLFileError, read_yaml
 from dpt_lightning.recipe import PROTOCOLS
 
-GRID_KEYS = {"name", "protocol", "methods", "datasets", "data_root", "shots", "seeds", "backbones", "trainer",
-             "model", "data", "args", "output", "published"}
-ENTRY_KEYS = {"methods": {"config", "name", "fit", "args"}, "datasets": {"config", "name", "root", "args"}}
 #: Packages whose classes are not part of a method's own source (a method's fingerprint covers the
 #: files of its class and of its base classes from dpt_lightning or the user's own modules).
 FRAMEWORK_PACKAGES = {"builtins", "abc", "typing", "torch", "lightning", "pytorch_lightning", "lightning_fabric",
@@ -60,6 +62,58 @@ FRAMEWORK_PACKAGES = {"builtins", "abc", "typing", "torch", "lightning", "pytorc
 
 class GridError(ValueError):
     """A grid file that cannot be run; the message names the file and the setting."""
+
+
+# ---------------------------------------------------------------------- the grid file's schema
+IntAxis = Annotated[list[int] | int, AXIS]  # a non-empty list without repeats, or one value
+
+
+@dataclass
+class MethodSpec:
+    """A ``methods:`` entry written as a mapping."""
+
+    config: str
+    name: str | None = None
+    fit: bool | None = None  # None: the class's ``learns``
+    args: list[str] | None = None
+
+
+@dataclass
+class DatasetSpec:
+    """A ``datasets:`` entry written as a mapping."""
+
+    config: str
+    name: str | None = None
+    root: str | None = None
+    args: list[str] | None = None
+
+
+@dataclass
+class BackboneSpec:
+    """A ``backbones:`` entry written as a mapping."""
+
+    backbone: str
+    name: str | None = None
+
+
+@dataclass
+class GridSpec:
+    """The keys of a grid file and their types (module docstring), checked by `schema.parse`."""
+
+    methods: Annotated[list[str | MethodSpec], AXIS]
+    datasets: Annotated[list[str | DatasetSpec], AXIS]
+    name: str | None = None
+    protocol: Annotated[list[str] | str, AXIS] = field(default_factory=lambda: ["fewshot"])  # of PROTOCOLS
+    data_root: str | None = None
+    shots: IntAxis | dict[str, IntAxis] | None = None  # None: [16] for base2novel; fewshot needs it
+    seeds: IntAxis = field(default_factory=lambda: [1])
+    backbones: Annotated[list[str | BackboneSpec] | str, AXIS] = field(default_factory=list)
+    trainer: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    args: list[str] | None = None
+    output: str = "runs"
+    published: Literal["auto", "true", "false", True, False] = "auto"
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -132,25 +186,20 @@ def _flag(prefix: str, key: str, value) -> str:
     return f"--{prefix}{key}={text}"
 
 
-def override_args(raw: dict, where: str) -> list[str]:
+def override_args(spec: GridSpec) -> list[str]:
     """``trainer:``, ``model:``, ``data:`` mappings and ``args:`` as dpt command-line arguments."""
     out = []
-    for section, prefix in (("trainer", "trainer."), ("model", "model.init_args."), ("data", "data.init_args.")):
-        values = raw.get(section) or {}
-        if not isinstance(values, dict):
-            raise GridError(f"{where}: '{section}' must be a mapping of settings, e.g. {{max_epochs: 5}}")
-        out += [_flag(prefix, key, value) for key, value in values.items()]
-    extra = raw.get("args") or []
-    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-        raise GridError(f"{where}: 'args' must be a list of strings (dpt command-line arguments)")
-    return out + list(extra)
+    sections = ((spec.trainer, "trainer."), (spec.model, "model.init_args."), (spec.data, "data.init_args."))
+    for values, prefix in sections:
+        out += [_flag(prefix, key, value) for key, value in (values or {}).items()]
+    return out + list(spec.args or [])
 
 
 # ------------------------------------------------------------------- the method class
 def model_class_path(config: str | Path, args=()) -> str | None:
     """The ``model`` class path a run uses: the config's ``model.class_path``, or the last
     ``--model X`` / ``--model=X`` / ``--model.class_path X`` among ``args``."""
-    model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
+    model = read_yaml(config, "config file").get("model") or {}
     found = model.get("class_path") if isinstance(model, dict) else (model if isinstance(model, str) else None)
     args = list(args)
     for i, arg in enumerate(args):
@@ -210,39 +259,77 @@ def method_source(class_path: str | None) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------- reading a grid
-def _entries(raw: dict, kind: str, base: Path, where: str, data_root: str | None, common=()) -> list[Entry]:
-    items = raw.get(kind)
-    if not isinstance(items, list) or not items:
-        raise GridError(f"{where}: '{kind}' must be a non-empty list of config files")
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file: its values by type (`GridSpec`), then what types cannot say
+    (files exist, names differ...); every problem is a `GridError` naming the file, the line
+    and the key."""
+    path = Path(path).expanduser().resolve()
+    where = f"grid {path}"
+    try:
+        raw = read_yaml(path, "grid file")
+    except FileNotFoundError:
+        raise GridError(f"{where}: file not found") from None
+    except YAMLFileError as err:
+        raise GridError(f"grid {err}") from None
+    spec, problems = parse(raw, GridSpec)
+    if problems:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        raise GridError(f"{where}: " + "; ".join(f"line {line_of(text, p.place)}: {p}" for p in problems))
+    protocols = spec.protocol
+    if any(p not in PROTOCOLS for p in protocols):
+        raise GridError(f"{where}: protocol must be fewshot, base2novel or a list of them, got {protocols}")
+    shots = spec.shots if isinstance(spec.shots, dict) else {p: spec.shots for p in protocols}  # per protocol:
+    if set(shots) - set(protocols):  # as in the copy of the grid in a run folder
+        raise GridError(f"{where}: shots: {sorted(set(shots) - set(protocols))} are not protocols of this grid")
+    shots = {p: shots.get(p) or ([16] if p == "base2novel" else None) for p in protocols}
+    if None in shots.values():
+        raise GridError(f"{where}: 'shots' is missing: give the shot counts of the few-shot runs, e.g. "
+                        "shots: [1, 4, 16]")
+    bad_shots = sorted({k for values in shots.values() for k in values if k < 1})
+    if bad_shots:
+        raise GridError(f"{where}: shots must be at least 1, got {bad_shots}")
+    base = path.parent
+    common = override_args(spec)
+    data_root = None if spec.data_root is None else _expand_root(spec.data_root, base, f"{where}: data_root")
+    return Grid(
+        name=safe_name(spec.name or path.stem),
+        protocols=protocols,
+        methods=_entries(spec.methods, "methods", base, where, common=common),
+        datasets=_entries(spec.datasets, "datasets", base, where, data_root),
+        shots=shots,
+        seeds=list(spec.seeds),
+        args=common,
+        output=spec.output,
+        published=str(spec.published).lower(),
+        source=str(path),
+        backbones=_backbones(spec, where),
+    )
+
+
+def _entries(items: list, kind: str, base: Path, where: str, data_root: str | None = None,
+             common=()) -> list[Entry]:
     entries, problems = [], []
     for item in items:
-        spec = {"config": item} if isinstance(item, str) else item
-        if not isinstance(spec, dict) or "config" not in spec:
-            problems.append(f"{kind} entry {item!r}: give a config file or {{config: FILE, ...}}")
-            continue
-        unknown = set(spec) - ENTRY_KEYS[kind]
-        if unknown:
-            problems.append(f"{kind} entry {spec['config']}: unknown key(s) {sorted(unknown)}; "
-                            f"allowed: {sorted(ENTRY_KEYS[kind])}")
-            continue
-        config = (base / str(spec["config"])).expanduser().resolve()
+        spec = item if not isinstance(item, str) else (MethodSpec if kind == "methods" else DatasetSpec)(item)
+        config = (base / spec.config).expanduser().resolve()
         if not config.is_file():
-            problems.append(f"{kind} config {spec['config']} not found (looked for {config}); paths are "
+            problems.append(f"{kind} config {spec.config} not found (looked for {config}); paths are "
                             "relative to the grid file")
             continue
-        args = spec.get("args") or []
-        if not isinstance(args, list):
-            problems.append(f"{kind} entry {spec['config']}: 'args' must be a list of strings")
+        try:
+            read_yaml(config, "config file")  # every file the grid names is read (and checked) now
+        except YAMLFileError as err:
+            problems.append(f"{kind} config {err}")
             continue
-        name = safe_name(spec.get("name") or config.stem)
-        args = tuple(map(str, args))
+        name = safe_name(spec.name or config.stem)
+        args = tuple(spec.args or ())
         if kind == "methods":
-            fit = spec["fit"] if "fit" in spec else method_learns(config, [*common, *args])
-            entries.append(Entry(name, str(config), args, fit=bool(fit)))
+            fit = spec.fit if spec.fit is not None else method_learns(config, [*common, *args])
+            entries.append(Entry(name, str(config), args, fit=fit))
         else:
-            root = spec.get("root", data_root)
+            root = spec.root if spec.root is not None else data_root
             if root is not None:
-                root = _expand_root(root, base, f"{where}: datasets entry {spec['config']}: root")
+                root = _expand_root(root, base, f"{where}: datasets entry {spec.config}: root")
             entries.append(Entry(name, str(config), args, root=root))
     names = [e.name for e in entries]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -262,84 +349,14 @@ def _expand_root(value, base: Path, where: str) -> str:
     return str((base / expanded).expanduser().resolve())
 
 
-def _int_list(raw: dict, key: str, where: str, default=None) -> list[int]:
-    value = raw.get(key)
-    value = default if value is None else value
-    value = [value] if isinstance(value, int) else value
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                           for v in value):
-        raise GridError(f"{where}: '{key}' must be a list of integers, e.g. {key}: [1, 2, 3]")
-    return list(value)
-
-
-def load_grid(path: str | Path) -> Grid:
-    """Read and check a grid file; every problem is a `GridError` naming the file and the key."""
-    path = Path(path).expanduser().resolve()
-    where = f"grid {path}"
-    if not path.is_file():
-        raise GridError(f"{where}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise GridError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(raw, dict):
-        raise GridError(f"{where}: expected a mapping of settings at the top level")
-    unknown = set(raw) - GRID_KEYS
-    if unknown:
-        raise GridError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
-    protocols = raw.get("protocol", "fewshot")
-    protocols = [protocols] if isinstance(protocols, str) else list(protocols or [])
-    bad = [p for p in protocols if p not in PROTOCOLS]
-    if bad or not protocols:
-        raise GridError(f"{where}: protocol must be fewshot, base2novel or a list of them, got {bad or protocols}")
-    base = path.parent
-    shots_raw = raw.get("shots")
-    if isinstance(shots_raw, dict):  # per protocol (the copy written into a run folder)
-        shots = {p: _int_list(shots_raw, p, where, [16] if p == "base2novel" else None) for p in protocols}
-    else:
-        shots = {p: _int_list(raw, "shots", where, [16] if p == "base2novel" else None) for p in protocols}
-    bad_shots = sorted({k for values in shots.values() for k in values if k < 1})
-    if bad_shots:
-        raise GridError(f"{where}: shots must be at least 1, got {bad_shots}")
-    published = str(raw.get("published", "auto")).lower()
-    if published not in ("auto", "true", "false"):
-        raise GridError(f"{where}: published must be auto, true or false, got {raw['published']!r}")
-    common = override_args(raw, where)
-    backbones = _backbones(raw, where)
-    return Grid(
-        name=safe_name(raw.get("name") or path.stem),
-        protocols=protocols,
-        methods=_entries(raw, "methods", base, where, None, common),
-        datasets=_entries(raw, "datasets", base, where,
-                          None if raw.get("data_root") is None else _expand_root(raw["data_root"], base,
-                                                                                 f"{where}: data_root")),
-        shots=shots,
-        seeds=_int_list(raw, "seeds", where, [1]),
-        args=common,
-        output=str(raw.get("output", "runs")),
-        published=published,
-        source=str(path),
-        backbones=backbones,
-    )
-
-
-def _backbones(raw: dict, where: str) -> list[Backbone]:
+def _backbones(spec: GridSpec, where: str) -> list[Backbone]:
     """The ``backbones:`` axis: ids, or ``{backbone: ID, name: LABEL}``; labels must differ."""
-    items = raw.get("backbones")
-    if items is None:
+    if not spec.backbones:
         return []
-    items = [items] if isinstance(items, str) else items
-    if not isinstance(items, list) or not items:
-        raise GridError(f"{where}: 'backbones' must be a non-empty list of backbone ids (e.g. tiny-demo, "
-                        "openclip:ViT-B-16/openai) or {backbone: ID, name: LABEL}")
-    if "backbone" in (raw.get("model") or {}):
+    if "backbone" in (spec.model or {}):
         raise GridError(f"{where}: 'model: backbone' and 'backbones' both set the backbone: keep one")
-    out = []
-    for item in items:
-        spec = {"backbone": item} if isinstance(item, str) else item
-        if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), str) or set(spec) - {"backbone", "name"}:
-            raise GridError(f"{where}: backbones entry {item!r}: give a backbone id or {{backbone: ID, name: LABEL}}")
-        out.append(Backbone(spec["backbone"], safe_name(spec.get("name") or backbone_label(spec["backbone"]))))
+    items = [BackboneSpec(item) if isinstance(item, str) else item for item in spec.backbones]
+    out = [Backbone(item.backbone, safe_name(item.name or backbone_label(item.backbone))) for item in items]
     names = [b.name for b in out]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -411,7 +428,7 @@ class Run:
         """Digest of everything that determines the result: the configs' content (comments
         ignored), the data root, the overrides, the protocol, shots and seed, and the source files
         of the method class and its base classes (`method_source`)."""
-        content = [yaml.safe_load(Path(p).read_text()) for p in (self.method.config, self.dataset.config)]
+        content = [read_yaml(p, "config file") for p in (self.method.config, self.dataset.config)]
         source = method_source(model_class_path(self.method.config, [*self.common, *self.method.args]))
         key = json.dumps([content, asdict(self.method) | {"config": ""}, asdict(self.dataset) | {"config": ""},
                           list(self.common), self.protocol, self.shots, self.seed, source,

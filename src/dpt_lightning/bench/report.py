@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import re
 from functools import lru_cache, partial
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
+from dpt_lightning.bench.folder import STAMP, STAMP_PATTERN
 from dpt_lightning.files import atomic_write
 
 EXCLUDED_FOR_NOVEL = "BUSI"
@@ -40,6 +42,9 @@ METRIC_COLUMNS = ("acc", "macro_acc", "f1", "auroc", "novel_acc", "novel_macro_a
                   "trainable_params", "checkpoint_bytes")
 PERCENT_COLUMNS = ("acc", "novel_acc", "macro_acc", "novel_macro_acc", "f1", "novel_f1")
 NAN = math.nan
+#: Marks a summary collected while cells still ran (hidden in the rendered Markdown): the next
+#: collect replaces it instead of writing a dated summary beside it.
+PROVISIONAL = "<!-- dpt-bench: provisional summary -->"
 
 
 # ------------------------------------------------------------------------ published
@@ -357,6 +362,14 @@ def cost_section(grid, table: pd.DataFrame) -> str:
          "CUDA max allocated MiB"], rows))
 
 
+def unreadable_section(unreadable: list[str], folder: Path) -> str:
+    if not unreadable:
+        return ""
+    lines = [f"- `{problem}`" for problem in unreadable]
+    return (f"## Unreadable result files ({len(unreadable)})\n\nLeft out of the tables above; their cells count "
+            f"as not run: run them again with `dpt-bench --resume {folder}`.\n\n" + "\n".join(lines))
+
+
 def failures_section(rows: list[dict]) -> str:
     failed = [r for r in rows if r.get("status") != "ok"]
     if not failed:
@@ -366,8 +379,10 @@ def failures_section(rows: list[dict]) -> str:
             "retry them (details: `runs/<run id>/error.txt`).\n\n" + "\n".join(lines))
 
 
-def summary_markdown(grid, rows: list[dict], folder: Path) -> tuple[str, dict, dict]:
-    """The whole summary.md text, the few-shot series and the base-to-novel points."""
+def summary_markdown(grid, rows: list[dict], folder: Path, pending: int = 0,
+                     unreadable: list[str] = ()) -> tuple[str, dict, dict]:
+    """The whole summary.md text, the few-shot series and the base-to-novel points; ``pending``
+    cells still running or to do make it provisional (`PROVISIONAL`)."""
     original = grid
     grid, table = per_backbone(grid, frame(rows))
     datasets = [d.name for d in grid.datasets]
@@ -386,6 +401,9 @@ def summary_markdown(grid, rows: list[dict], folder: Path) -> tuple[str, dict, d
         "expected seeds or datasets finished. Averages are means of the per-dataset means; a test-only method "
         "(zero-shot) has one value per dataset, shown at every K.",
     ]
+    if pending:
+        header += ["", f"**Provisional:** {pending} cell(s) of the grid are still running or to do; the next "
+                       f"collect replaces this file. {PROVISIONAL}"]
     if not published_rows:
         header.append("\nThe papers' published averages are not shown: this grid's datasets are not the benchmark's.")
     parts, series, points = ["\n".join(header)], {}, {}
@@ -398,9 +416,8 @@ def summary_markdown(grid, rows: list[dict], folder: Path) -> tuple[str, dict, d
     if backbone_labels(original):
         parts.append(backbones_section(original, series, points))
     parts.append(cost_section(grid, table))
-    failures = failures_section(rows)
-    if failures:
-        parts.append(failures)
+    sections = (failures_section(rows), unreadable_section(list(unreadable), folder))
+    parts += [section for section in sections if section]
     return "\n\n".join(parts) + "\n", series, points
 
 
@@ -475,26 +492,35 @@ def _finish(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> P
 
 
 # --------------------------------------------------------------------------- writing
-def write_report(grid, rows: list[dict], folder: Path, overwrite: bool = False) -> list[Path]:
+def summaries(folder: Path) -> list[Path]:
+    """The summaries of a run folder, oldest first: ``summary.md``, then the dated ones."""
+    dated = sorted(p for p in Path(folder).glob("summary-*.md")
+                   if re.fullmatch(f"summary-{STAMP_PATTERN}.md", p.name))
+    return [p for p in [Path(folder) / "summary.md", *dated] if p.is_file()]
+
+
+def write_report(grid, rows: list[dict], folder: Path, overwrite: bool = False, pending: int = 0,
+                 unreadable: list[str] = ()) -> list[Path]:
     """Write summary.md and the plots into ``folder``; returns the files written.
 
-    An existing summary is never replaced unless ``overwrite``: an unchanged summary is left as
-    it is, a changed one is written beside it with the date and time in its name (plots too).
+    Compared with the newest summary: unchanged, nothing is written (only missing plots); a
+    provisional one (collected while cells ran) is replaced; a finished one is never replaced
+    unless ``overwrite``: the new text goes beside it with the date and time in its name (plots too).
     """
     folder = Path(folder)
-    text, series, points = summary_markdown(grid, rows, folder)
-    target = folder / "summary.md"
-    suffix = ""
-    if target.exists() and not overwrite:
-        if target.read_text() == text:
-            suffix = None  # unchanged: only plots that are missing
-        else:
-            suffix = "-" + dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    text, series, points = summary_markdown(grid, rows, folder, pending, unreadable)
+    latest = ([] if overwrite else summaries(folder))[-1:]
+    target = latest[0] if latest else folder / "summary.md"
     written = []
-    if suffix is not None:
-        target = folder / f"summary{suffix}.md"
+    if latest and target.read_text() == text:
+        changed = False  # unchanged: only plots that are missing
+    else:
+        changed = True
+        if latest and PROVISIONAL not in target.read_text():
+            target = folder / f"summary-{dt.datetime.now().strftime(STAMP)}.md"
         atomic_write(target, text)
         written.append(target)
+    suffix = target.stem[len("summary"):]
     published_rows = show_published(grid, [d.name for d in grid.datasets])
     fixed = frozenset(m.name for m in per_backbone(grid, pd.DataFrame())[0].methods if not m.fit)
     plots = []
@@ -505,8 +531,8 @@ def write_report(grid, rows: list[dict], folder: Path, overwrite: bool = False) 
         plots.append(("base_vs_novel", plot_base_vs_novel, points,
                       f"{grid.name}: base vs novel (large: average; small: per dataset)"))
     for name, plot, data, title in plots:
-        path = folder / "plots" / f"{name}{suffix or ''}.png"
-        if suffix is None and path.exists():
+        path = folder / "plots" / f"{name}{suffix}.png"
+        if not changed and path.exists():
             continue
         written.append(plot(data, path, title, published_rows))
     return written

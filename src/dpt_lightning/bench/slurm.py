@@ -4,7 +4,9 @@ Each array task runs one cell through `job.run_cell` (the same code as a local r
 SLURM options (partition, time, GPUs and CPUs per task, memory, array parallelism, extra
 ``#SBATCH`` flags, setup lines) go to submitit, which writes the sbatch script. ``--cluster local``
 uses submitit's local executor instead (this machine, no SLURM: for machines without a cluster and
-for the tests).
+for the tests). That executor starts every task at once and knows no array parallelism, so with
+``--array-parallelism N`` the cells are dealt round-robin into N tasks ("lanes") that each run
+their cells one after another: never more than N cells at once, and no idle process per cell.
 
 Preemption and time limits: SLURM signals the task (``USR2``, 90 s before the limit); submitit
 calls `CellTask.checkpoint`, which names the cell's OWN last checkpoint
@@ -19,6 +21,7 @@ Each task stores its row; the last task to end builds results.csv, summary.md an
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -99,52 +102,72 @@ def parse_sbatch(items: list[str]) -> dict[str, str]:
 # -------------------------------------------------------------------------- one task
 @dataclass
 class CellTask:
-    """One array task: run the cell ``run_id`` of the run folder (picklable, for submitit)."""
+    """One array task: run the cells ``run_ids`` of the run folder one after another (one cell on
+    SLURM, a lane of cells on the local executor), the first resuming ``resume`` if given
+    (picklable, for submitit). ``executor_spec`` ("module:function") stands in for `job.execute`
+    (tests)."""
 
     folder: str
-    run_id: str
+    run_ids: tuple[str, ...]
     resume: str | None = None
+    executor_spec: str | None = None
+    current: int = field(default=0, init=False, repr=False)  # the index of the cell running now
 
-    def __call__(self) -> dict:
-        from dpt_lightning.bench.collect import collect_if_complete, load_run_folder
-        from dpt_lightning.bench.job import run_cell
+    def __call__(self) -> list[dict]:
+        from dpt_lightning.bench.collect import collect_if_complete
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if os.getcwd() not in sys.path:  # user method modules in the submission folder, as `dpt` finds them
             sys.path.insert(0, os.getcwd())
-        run = find_run(load_run_folder(self.folder), self.run_id)
-        job = job_identity()
-        print(f"dpt-bench task {job or os.getpid()}: cell {run.label()}"
-              + (f", resuming {self.resume}" if self.resume else ""), flush=True)
+        outcomes = []
+        for index, run_id in enumerate(self.run_ids):
+            self.current = index
+            outcomes.append(self._run(run_id, self.resume if index == 0 else None))
         try:
-            outcome = run_cell(Path(self.folder), run, job=job, resume=self.resume)
+            written = collect_if_complete(Path(self.folder))
+        except Exception as err:  # noqa: BLE001 - the cells' own results are stored; collecting can be redone
+            print(f"dpt-bench task: collecting failed ({err}); run dpt-bench --collect {self.folder}", flush=True)
+            written = None
+        if written is not None:
+            print(f"dpt-bench task: the grid is complete; wrote {[str(p) for p in written]}", flush=True)
+        return outcomes
+
+    def _run(self, run_id: str, resume: str | None) -> dict:
+        from dpt_lightning.bench.collect import load_run_folder
+        from dpt_lightning.bench.job import run_cell
+
+        run = find_run(load_run_folder(self.folder), run_id)
+        job = job_identity()
+        executor = None
+        if self.executor_spec:
+            module, _, name = self.executor_spec.partition(":")
+            executor = getattr(importlib.import_module(module), name)
+        print(f"dpt-bench task {job or os.getpid()}: cell {run.label()}" + (f", resuming {resume}" if resume else ""),
+              flush=True)
+        try:
+            outcome = run_cell(Path(self.folder), run, executor, job=job, resume=resume)
         except GridInterrupted as err:  # preemption / time limit: exit as submitit asked (it requeues)
             if err.code is not None:
                 raise SystemExit(err.code) from None
             raise
         if outcome.state == "busy":
             holder = outcome.holder or {}
-            print(f"dpt-bench task: {self.run_id} is running elsewhere (pid {holder.get('pid')} on "
+            print(f"dpt-bench task: {run_id} is running elsewhere (pid {holder.get('pid')} on "
                   f"{holder.get('host')}); nothing to do", flush=True)
         elif outcome.state == "finished":
-            print(f"dpt-bench task: {self.run_id} had finished already", flush=True)
-        try:
-            written = collect_if_complete(Path(self.folder))
-        except Exception as err:  # noqa: BLE001 - the cell's own result is stored; collecting can be redone
-            print(f"dpt-bench task: collecting failed ({err}); run dpt-bench --collect {self.folder}", flush=True)
-            written = None
-        if written is not None:
-            print(f"dpt-bench task: the grid is complete; wrote {[str(p) for p in written]}", flush=True)
-        row = outcome.row or read_result(Path(self.folder), self.run_id) or {}
-        return {"run_id": self.run_id, "state": outcome.state, "status": row.get("status", "")}
+            print(f"dpt-bench task: {run_id} had finished already", flush=True)
+        row = outcome.row or read_result(Path(self.folder), run_id) or {}
+        return {"run_id": run_id, "state": outcome.state, "status": row.get("status", "")}
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on preemption or time-out: requeue this cell, resuming from its own
-        last checkpoint (if an epoch finished)."""
+        """Called by submitit on preemption or time-out: requeue this task's cells from the one
+        running now, which resumes from its own last checkpoint (if an epoch finished)."""
         from submitit.helpers import DelayedSubmission
 
-        own = own_last_checkpoint(cell_dir(Path(self.folder), self.run_id))
-        return DelayedSubmission(CellTask(self.folder, self.run_id, str(own) if own is not None else None))
+        remaining = self.run_ids[self.current:]
+        own = own_last_checkpoint(cell_dir(Path(self.folder), remaining[0]))
+        return DelayedSubmission(CellTask(self.folder, remaining, str(own) if own is not None else None,
+                                          self.executor_spec))
 
 
 # ---------------------------------------------------------------------- submitting
@@ -203,9 +226,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def submit(folder: Path, grid: Grid, todo: list[Run], options: SlurmOptions, stream=None) -> list[tuple[object, str]]:
+def lanes(cells: list[Run], options: SlurmOptions) -> list[list[Run]]:
+    """The cells of each array task: one each, or on the local executor with a parallelism N below
+    their number, N lanes dealt round-robin (the executor itself would start them all at once)."""
+    count = options.array_parallelism
+    if options.cluster != "local" or not count or count >= len(cells):
+        return [[run] for run in cells]
+    return [cells[i::count] for i in range(count)]
+
+
+def submit(folder: Path, grid: Grid, todo: list[Run], options: SlurmOptions, stream=None,
+           executor_spec: str | None = None) -> list[tuple[object, str]]:
     """Submit the cells ``todo`` (not finished, not running) as one job array; returns the
-    ``(job, run_id)`` pairs."""
+    ``(job, run_id)`` pairs. ``executor_spec`` ("module:function") stands in for `job.execute`."""
     out = stream or sys.stdout
     folder = Path(folder)
     queued = queued_cells(folder)
@@ -218,10 +251,13 @@ def submit(folder: Path, grid: Grid, todo: list[Run], options: SlurmOptions, str
         print("dpt-bench: nothing to submit", file=out, flush=True)
         return []
     executor = make_executor(folder, grid, options)
-    jobs = executor.submit_array([CellTask(str(folder), run.run_id) for run in cells])
-    records = "".join(json.dumps({"job_id": str(job.job_id), "run_id": run.run_id, "cluster": options.cluster,
+    groups = lanes(cells, options)
+    tasks = [CellTask(str(folder), tuple(run.run_id for run in group), executor_spec=executor_spec) for group in groups]
+    jobs = executor.submit_array(tasks)
+    submitted = [(job, run.run_id) for job, group in zip(jobs, groups) for run in group]
+    records = "".join(json.dumps({"job_id": str(job.job_id), "run_id": run_id, "cluster": options.cluster,
                                   "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
-                      for job, run in zip(jobs, cells))
+                      for job, run_id in submitted)
     with open(folder / SUBMITIT / SUBMISSIONS, "a") as f:
         f.write(records)
     if options.cluster == "slurm":
@@ -230,9 +266,11 @@ def submit(folder: Path, grid: Grid, todo: list[Run], options: SlurmOptions, str
         print(f"dpt-bench: submitted {len(cells)} cell(s) as SLURM job array {array}{parallel} (squeue -j {array}); "
               f"task logs in {folder / SUBMITIT}", file=out, flush=True)
     else:
-        print(f"dpt-bench: started {len(cells)} cell(s) with submitit's local executor (one process each, all at "
-              f"once); task logs in {folder / SUBMITIT}", file=out, flush=True)
-    return [(job, run.run_id) for job, run in zip(jobs, cells)]
+        how = "one process each, all at once" if len(groups) == len(cells) else \
+            f"in {len(groups)} processes that each run their cells one after another (--array-parallelism)"
+        print(f"dpt-bench: started {len(cells)} cell(s) with submitit's local executor ({how}); task logs in "
+              f"{folder / SUBMITIT}", file=out, flush=True)
+    return submitted
 
 
 def wait(folder: Path, submitted: list[tuple[object, str]], stream=None, poll: float = 5.0) -> dict:
