@@ -211,10 +211,12 @@ class PromptTrainer(LightningModule):
 
     def text_features(self, image_features: Tensor) -> Tensor:
         """``encode_classes`` as training and evaluation call it: evaluation of a method whose class
-        features do not depend on the image computes them once (until a parameter changes)."""
+        features do not depend on the image computes them once (until a parameter changes). Only
+        where no gradient is wanted: with gradients on and a trainable parameter, also in eval mode
+        (test-time adaptation, saliency, calibration), they are computed with their graph."""
         if self.instance_conditioned:
             return self.encode_classes(image_features)
-        if self.training:
+        if self.training or (torch.is_grad_enabled() and self.trainable_parameters()):
             return self.encode_classes()
         return self.eval_text_features()
 
