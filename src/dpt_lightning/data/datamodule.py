@@ -3,8 +3,9 @@ checks, loaders).
 
 A subclass only says where its items come from (`read_split`) and what its classes are
 (`all_classnames`); everything else lives here. A datamodule knows nothing about the model: the
-trainer hands it the backbone's transforms (`use_transforms`) before the loaders are built, and
-until then the reference BiomedCLIP transforms (224 px, CLIP mean/std) are used.
+trainer's model hands it the backbone's transforms (`use_transforms`) and its reference loader's
+last-batch rule (`use_batch_rule`) before the loaders are built; until then the reference BiomedCLIP
+transforms (224 px, CLIP mean/std) and Dassl's rule are used.
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class MedicalDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.check_images = check_images
         self.train_transform, self.test_transform = reference_transforms()
+        self.drop_last_batch = True  #: Dassl's rule until the model says otherwise (`use_batch_rule`)
         self.full_split: dict[str, list[Item]] | None = None  #: the split as read, before selection
         self.selection: dict[str, list[Item]] | None = None  #: few-shot selection, all classes
         self.splits: dict[str, list[Item]] | None = None  #: what the loaders use (subset, remapped)
@@ -137,6 +139,11 @@ class MedicalDataModule(LightningDataModule):
     def use_transforms(self, train: Callable, test: Callable) -> None:
         """Called by the trainer with the backbone's transforms before loaders are built."""
         self.train_transform, self.test_transform = train, test
+
+    def use_batch_rule(self, drop_last: bool) -> None:
+        """Called by the trainer's model before loaders are built: does the training loader drop an
+        epoch's last partial batch (Dassl's rule, when there is a full batch at all) or keep it?"""
+        self.drop_last_batch = drop_last
 
     # ---------------------------------------------------------------- set-up
     def setup(self, stage: str | None = None) -> None:
@@ -222,7 +229,7 @@ class MedicalDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size if train else self.test_batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
-            drop_last=train and len(dataset) >= self.batch_size,  # as the reference (Dassl) loader
+            drop_last=train and self.drop_last_batch and len(dataset) >= self.batch_size,  # Dassl: as the reference
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
