@@ -29,7 +29,11 @@ class MedicalDataModule(LightningDataModule):
     Args:
         root: folder that holds the data (its meaning is the subclass's).
         num_shots: images per class for training (``-1``: all); validation takes ``min(K, 4)``.
-        seed: seed of the few-shot selection (an isolated random stream, as the original code).
+        seed: the run's seed: the training views' augmentation and order (and, through the CLI,
+            ``seed_everything``), and the few-shot selection unless ``selection_seed`` is given.
+        selection_seed: seed of the few-shot selection alone (an isolated random stream, as the
+            original code); ``None`` = ``seed``. The BiomedCoOp code's adapter baselines select with
+            seed 1 whatever their training seed (``selection_seed: 1``).
         subsample: ``all`` classes, or the ``base`` / ``new`` half of the base-to-novel protocol.
         split_file: a split file to use instead of the dataset's own; to rerun exactly the images of
             an exported selection (`fewshot_split()`), pass it with ``num_shots: -1``.
@@ -67,6 +71,7 @@ class MedicalDataModule(LightningDataModule):
         test_batch_size: int = 100,
         num_workers: int = 2,
         check_images: Literal["full", "header", "none"] = "full",
+        selection_seed: int | None = None,
     ):
         super().__init__()
         if num_shots == 0 or num_shots < -1:
@@ -79,7 +84,9 @@ class MedicalDataModule(LightningDataModule):
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+        selection_seed = seed if selection_seed is None else selection_seed  # the hyper-parameters record it
         self.save_hyperparameters()
+        self.selection_seed = selection_seed
         self.root = Path(root).expanduser() if root is not None else None
         self.num_shots = num_shots
         self.seed = seed
@@ -158,7 +165,7 @@ class MedicalDataModule(LightningDataModule):
                 self.split_source, self.split_built_from = str(self.split_file), None
             else:
                 split = self.read_split()
-            selection = select_few_shot(split, self.num_shots, self.seed)
+            selection = select_few_shot(split, self.num_shots, self.selection_seed)
             splits = {name: self._subsample(items) for name, items in selection.items()}
             problems = self.find_problems(split, used=[item for items in splits.values() for item in items])
         else:
@@ -229,7 +236,7 @@ class MedicalDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size if train else self.test_batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
-            drop_last=train and self.drop_last_batch and len(dataset) >= self.batch_size,  # Dassl: as the reference
+            drop_last=train and self.drop_last_batch and len(dataset) >= self.batch_size,  # Dassl's rule by default
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
