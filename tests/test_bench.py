@@ -117,6 +117,7 @@ def test_method_that_extends_zeroshot_with_prompts_still_learns(configs):
     ({"seeds": "one"}, "'seeds' must be a list of integers"),
     ({"methods": ["../trainers/coop.yaml", "../trainers/coop.yaml"]}, "appear twice"),
     ({"trainer": ["max_epochs"]}, "'trainer' must be a mapping"),
+    ({"methods": [{"config": "../trainers/coop.yaml", "selection_seed": "one"}]}, "'selection_seed' must be an integer"),
 ])
 def test_bad_grids_are_clear_errors(configs, change, message):
     with pytest.raises(GridError) as err:

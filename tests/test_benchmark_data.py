@@ -421,3 +421,40 @@ def test_dpt_fit_runs_for_every_dataset(fake_root, tmp_path, name, subsample):
     assert cli.trainer.global_step == 1 and "test_acc" in cli.trainer.callback_metrics
     written = json.loads((Path(cli.trainer.log_dir) / "fewshot_split.json").read_text())
     assert written == dm.fewshot_split() == original_selection(split_of(fake_root, name), 4, 1)
+
+
+def test_the_selection_seed_picks_the_images_and_the_seed_trains(fake_root, tmp_path):
+    """Issue 21.2: ``data.selection_seed`` selects the few-shot images (the BiomedCoOp code's adapter
+    baselines: seed 1's images for every training seed), ``data.seed`` drives the rest (views, order,
+    seed_everything); both are recorded in hparams.yaml and in the checkpoint's selection. Unset, the
+    selection seed is the seed."""
+    import os
+
+    import yaml
+
+    from dpt_lightning.cli import build_cli
+
+    split = split_of(fake_root, "BTMRI")
+    assert original_selection(split, 4, 1) != original_selection(split, 4, 2)
+    default = datamodule("BTMRI", fake_root, num_shots=4, seed=2)
+    default.setup()
+    assert default.selection_seed == 2 and default.fewshot_split() == original_selection(split, 4, 2)
+
+    cli = build_cli([
+        "fit", "--config", str(REPO / "trainers/coop.yaml"), "--config", str(REPO / "datasets/btmri.yaml"),
+        "--data.root", str(fake_root), "--data.num_shots", "4", "--data.seed", "2", "--data.selection_seed", "1",
+        "--model.backbone", "tiny", "--data.num_workers", "0", "--data.batch_size", "8", "--data.test_batch_size", "4",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_test_batches", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ])
+    dm, log_dir = cli.datamodule, Path(cli.trainer.log_dir)
+    assert dm.fewshot_split() == original_selection(split, 4, 1)  # seed 1's images ...
+    assert json.loads((log_dir / "fewshot_split.json").read_text()) == dm.fewshot_split()
+    loader = dm.train_dataloader()
+    assert loader.sampler.seed == 2 and loader.dataset.seed == 2 and os.environ["PL_GLOBAL_SEED"] == "2"  # ... seed 2's run
+    saved = yaml.safe_load((log_dir / "hparams.yaml").read_text())
+    assert (saved["seed"], saved["selection_seed"]) == (2, 1)
+    recorded = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["fewshot_selection"]
+    assert (recorded["seed"], recorded["selection_seed"]) == (2, 1)
+    assert recorded["train"] == original_selection(split, 4, 1)["train"]

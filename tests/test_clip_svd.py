@@ -22,7 +22,7 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from torchvision import transforms as T
 
-from dpt_lightning import CLIPSVD, DemoDataModule, ZeroShot
+from dpt_lightning import CLIPSVD, DemoDataModule, PromptTrainer, ZeroShot
 from dpt_lightning.backbone import BiomedCLIP
 from dpt_lightning.data.facts import BENCHMARK_DATASETS
 from dpt_lightning.methods.clip_svd import CLIPSVD_SETTINGS, SingularValueTuning, cosine_lr_factor, layer_indices
@@ -175,6 +175,24 @@ def test_selected_towers_layers_and_matrices(tiny):
         build(matrices=["w"])
 
 
+def test_trained_blocks_follow_the_reference_per_dataset_and_protocol():
+    """Issue 21.3: the configs' ``include_train_layers``: every block, but blocks 4-11 of both towers for
+    CTKidney base-to-novel (``top_middle``: 96 matrices, not 144); recorded in the hyper-parameters."""
+    special = {(name, protocol): row[2] for name, rows in CLIPSVD_SETTINGS.items() for protocol, row in rows.items()
+               if row[2] != "all"}
+    assert special == {("CTKidney", "base2novel"): "top_middle"}
+    classes = list(BENCHMARK_DATASETS["CTKidney"].classnames)
+    novel = build(classnames=classes[:2], dataset="CTKidney", protocol="base2novel")
+    blocks = {int(TRAINABLE.fullmatch(n).group(2)) for n, p in novel.named_parameters() if p.requires_grad}
+    assert novel.hparams.layers == "top_middle" and blocks == set(range(4, 12)) and len(novel.svd.matrices) == 96
+    assert 2 * 8 * SingularValueTuning.parameter_count(1, 768, 3072) == 73_728  # at BiomedCLIP size
+    fewshot = build(classnames=classes, dataset="CTKidney")
+    assert fewshot.hparams.layers == "all" and len(fewshot.svd.matrices) == 144
+    assert build().hparams.layers == "all"  # data outside the table
+    given = build(classnames=classes[:2], dataset="CTKidney", protocol="base2novel", layers="all")
+    assert given.hparams.layers == "all" and len(given.svd.matrices) == 144  # a value the user gives wins
+
+
 # ------------------------------------------------------------------------------------------------
 # A changed singular value changes exactly its matrix.
 @pytest.mark.parametrize("key, index", [("image_1_k", 2),  # the middle third of the fused q/k/v matrix
@@ -317,6 +335,19 @@ def test_reference_settings_per_dataset():
         build(schedule="linear")
 
 
+def cosine_oracle(lr: float, T_max: int, steps: int) -> list[float]:
+    """The learning rate of each of ``steps`` batches under torch's ``CosineAnnealingLR(T_max,
+    eta_min=1e-6)`` stepped after every batch (AdamW, as the reference)."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=T_max, eta_min=1e-6)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
 @pytest.mark.parametrize("schedule", ["reference", "cosine"])
 def test_schedule_is_the_references_cosine_stepped_per_batch(schedule, tmp_path):
     classes = DemoDataModule().classnames
@@ -326,14 +357,7 @@ def test_schedule_is_the_references_cosine_stepped_per_batch(schedule, tmp_path)
     assert model.trainer.global_step == 4
     # The oracle: torch's CosineAnnealingLR, T_max = max_epochs (reference) or all steps (cosine),
     # stepped after every batch.
-    oracle_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    oracle = torch.optim.lr_scheduler.CosineAnnealingLR(oracle_opt, T_max=2 if schedule == "reference" else 4,
-                                                        eta_min=1e-6)
-    expected = []
-    for _ in range(4):
-        expected.append(oracle_opt.param_groups[0]["lr"])
-        oracle_opt.step()
-        oracle.step()
+    expected = cosine_oracle(0.01, T_max=2 if schedule == "reference" else 4, steps=4)
     torch.testing.assert_close(torch.tensor(record.lrs, dtype=torch.float64),
                                torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
     if schedule == "reference":  # period 2 x max_epochs steps: at eta_min after 2 steps, climbing back after
@@ -344,6 +368,30 @@ def test_schedule_is_the_references_cosine_stepped_per_batch(schedule, tmp_path)
     optimizer = model.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
     assert optimizer.defaults["weight_decay"] == 0.0
+
+
+def test_an_epoch_keeps_its_last_partial_batch_and_the_cosine_follows_every_batch(tmp_path):
+    """Issue 21.4: CLIP-SVD's own loader keeps the last partial batch (Dassl's, used by the other
+    methods, drops it): the method tells the datamodule. 20 images at batch 8 are 3 steps an epoch,
+    and the per-batch cosine (T_max = epochs) runs over those 3 steps per epoch."""
+    data = DemoDataModule(num_shots=18, batch_size=32, num_workers=0)  # 4 classes x 18 = 72 images
+    assert len(data.train_dataloader()) == 2  # Dassl's rule (the datamodule's default)
+    data.use_batch_rule(drop_last=False)
+    assert len(data.train_dataloader()) == 3
+    assert PromptTrainer.drop_last_batch is True and CLIPSVD.drop_last_batch is False
+
+    model = CLIPSVD(classnames=DemoDataModule().classnames, backbone="tiny", dataset="demo", lr=0.01)
+    assert model.hparams.drop_last_batch is False
+    record = RecordLR()
+    data = DemoDataModule(num_shots=5, batch_size=8, num_workers=0)  # 20 images: 8 + 8 + 4
+    trainer = Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[record])
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 6 and data.drop_last_batch is False
+    expected = cosine_oracle(0.01, T_max=2, steps=6)  # the reference's: T_max = epochs, stepped per batch
+    torch.testing.assert_close(torch.tensor(record.lrs, dtype=torch.float64),
+                               torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,6 +409,7 @@ def test_dpt_fit_test_predict_with_the_shipped_config(tmp_path, tiny_demo_backbo
     fitted = float(cli.trainer.callback_metrics["test_acc"])
     saved = yaml.safe_load((Path(cli.trainer.log_dir) / "hparams.yaml").read_text())
     assert saved["backbone"] == "tiny-demo" and saved["lr"] == 0.006 and saved["template"] == "a photo of a {}."
+    assert saved["layers"] == "all" and saved["drop_last_batch"] is False
 
     (ckpt,) = (tmp_path / "fit").glob("lightning_logs/version_*/checkpoints/last.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]

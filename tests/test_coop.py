@@ -81,12 +81,13 @@ def test_evaluation_text_features_are_cached_until_the_context_changes(tiny):
     original = coop.encode_classes
     coop.encode_classes = lambda: calls.append(1) or original()
     images = torch.randn(2, 3, 160, 160)
-    first = coop(images)
-    coop(images)
+    with torch.no_grad():  # evaluation: no gradient wanted (with gradients on, eval mode recomputes them)
+        first = coop(images)
+        coop(images)
     assert len(calls) == 1
     with torch.no_grad():
         coop.prompt.ctx.add_(0.1)
-    assert not torch.equal(coop(images), first)
+        assert not torch.equal(coop(images), first)
     assert len(calls) == 2
 
 

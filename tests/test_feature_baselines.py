@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dpt_lightning import CLIPAdapter, LinearProbe, LPPlusPlus, TipAdapter, TipAdapterF, ZeroShot
 from dpt_lightning.methods.clip_adapter import reference_iteration_lr
-from dpt_lightning.methods.frozen_features import FeatureSet, GridSearch
+from dpt_lightning.methods.frozen_features import FeatureSet, GridSearch, encode_batches
 from dpt_lightning.methods.linear_probe import class_scores, logistic_objective, search_c
 from dpt_lightning.methods.lp_plus_plus import alpha_lr, class_sums, initial_alpha, weight_lr
 from dpt_lightning.methods.tip_adapter import search_grid
@@ -122,16 +122,47 @@ def test_tip_search_picks_the_best_validation_point_as_the_reference_loop():
     assert (float(model.beta), float(model.alpha)) == pytest.approx(point)
 
 
-def test_tip_cache_averages_augment_passes_per_image():
+def test_tip_search_keeps_beta_alpha_zero_when_no_point_gets_an_image_right():
+    """Issue 21.7: the reference's search starts at (0, 0) and moves only on a strictly better
+    accuracy: when every point gets every validation image wrong it keeps (0, 0)."""
+    model = make(TipAdapter, search_step=(5, 5))
+    first = model.class_features[0]  # zero-shot and every cache entry vote for class 0 ...
+    model.cache_keys.data = first.expand(4, -1).clone()
+    model.cache_labels = torch.zeros(4, dtype=torch.long)
+    val = FeatureSet(first.expand(3, -1).clone(), torch.ones(3, dtype=torch.long), torch.arange(3))  # ... all 1s
+    assert model.search_alpha_beta(val) == 0.0
+    assert (float(model.beta), float(model.alpha)) == (0.0, 0.0)
+    torch.testing.assert_close(model.logits(val.features, model.class_features),
+                               model.clip_scale() * val.features @ model.class_features.t())  # zero-shot
+
+
+def test_tip_cache_averages_the_raw_tower_outputs_of_the_passes_then_normalises():
+    """The reference's ``build_cache_model``: each image's ``encode_image`` output (unnormalised)
+    averaged over the augmented passes, then normalised (issue 21.5: not the mean of the passes'
+    normalised features, which weighs every view alike whatever its norm)."""
     model = make(TipAdapter, augment_epochs=2, search_step=(2, 2))
     dim = model.backbone.embed_dim
-    first, second = feature_set(8, dim, seed=6), feature_set(8, dim, seed=7)
+    draw = torch.Generator().manual_seed(6)
+    raw = [torch.randn(8, dim, generator=draw) * (0.5 + 4 * torch.rand(8, 1, generator=draw)) for _ in range(2)]
+    labels = torch.arange(8) % 4
+    first = FeatureSet(F.normalize(raw[0], dim=-1), labels, torch.arange(8), raw[0])
     shuffled = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])  # the second pass visits the images in another order
-    second = FeatureSet(second.features[shuffled], second.labels[shuffled], shuffled)
+    second = FeatureSet(F.normalize(raw[1][shuffled], dim=-1), labels[shuffled], shuffled, raw[1][shuffled])
     model.build_cache(FakeViews([first, second]))
-    expected = F.normalize(first.features + second.by_item().features, dim=-1)
+    expected = F.normalize((raw[0] + raw[1]) / 2, dim=-1)
     torch.testing.assert_close(model.cache_keys.data, expected)
     assert torch.equal(model.cache_labels, first.labels)
+    normalised_mean = F.normalize(first.features + second.by_item().features, dim=-1)
+    assert (model.cache_keys.data - normalised_mean).abs().max() > 1e-2  # the rule matters
+
+
+def test_the_frozen_tower_output_is_encode_image_and_normalises_to_encode_images():
+    model = make(TipAdapter)
+    x = images(3)
+    raw = model.encode_frozen({"image": x})
+    assert torch.equal(raw, model.backbone.encode_image(x).float())
+    views = encode_batches([{"image": x, "label": torch.tensor([0, 1, 2])}], model.encode_frozen, model.device)
+    assert torch.equal(views.raw, raw) and torch.equal(views.features, model.encode_images(x))  # bit for bit
 
 
 def test_tip_adapter_f_trains_only_the_keys():
@@ -344,6 +375,60 @@ def test_c_search_follows_the_reference_bisection():
     assert abs(math.log10(best[0]) - 2.3) <= min(abs(math.log10(x) - 2.3) for x in calls)
 
 
+def clustered(seed: int, classes: int = 4, dim: int = 32, spread: float = 2.7) -> tuple[FeatureSet, FeatureSet]:
+    """Training and validation features (4 per class each), normalised, around random class centres."""
+    draw = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=draw)
+
+    def sample(per_class: int) -> FeatureSet:
+        labels = torch.arange(classes).repeat_interleave(per_class)
+        x = centres[labels] + spread * torch.randn(len(labels), dim, generator=draw)
+        return FeatureSet(F.normalize(x, dim=-1), labels, torch.arange(len(labels)))
+
+    return sample(4), sample(4)
+
+
+def reference_linear_probe(train: FeatureSet, val: FeatureSet, steps: int = 8):
+    """BiomedCoOp's ``trainers/LP/linear_probe_biomedclip.py``, re-stated: scikit-learn's
+    ``LogisticRegression(solver="lbfgs", max_iter=1000, penalty l2, C)`` on the float32 features, the
+    7 values of C, then ``steps`` bisection steps in log10 around the first best; the last step's
+    better model. Returns (C, coef_, intercept_)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, xv, yv = train.features.numpy(), train.labels.numpy(), val.features.numpy(), val.labels.numpy()
+
+    def fit(c):
+        model = LogisticRegression(solver="lbfgs", max_iter=1000, C=c).fit(x, y)
+        return np.mean(model.predict(xv) == yv), model
+
+    grid = [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]
+    peak = grid[int(np.argmax([fit(c)[0] for c in grid]))]
+    left, right = 0.1 * peak, 10 * peak
+    for _ in range(steps):
+        (acc_left, at_left), (acc_right, at_right) = fit(left), fit(right)
+        middle = 0.5 * (np.log10(right) + np.log10(left))
+        if acc_left < acc_right:
+            c, chosen, left, right = right, at_right, middle, np.log10(right)
+        else:
+            c, chosen, left, right = left, at_left, np.log10(left), middle
+        left, right = np.power(10, left), np.power(10, right)
+    return c, chosen.coef_, chosen.intercept_
+
+
+@pytest.mark.parametrize("seed", [16, 27])  # draws on which torch's L-BFGS stopped elsewhere and chose another C
+def test_linear_probe_fits_and_chooses_c_as_scikit_learn(seed):
+    """Issue 21.1: every fit is scikit-learn's, so the search chooses the reference's C and model
+    (torch.optim.LBFGS on the same objective chose C 0.01 instead of 3162 on draw 16, 1000 instead of 10
+    on draw 27, and another test accuracy)."""
+    train, val = clustered(seed)
+    model = make(LinearProbe)
+    summary = model.fit_frozen(FakeViews([train]), val, epochs=1)
+    c, coef, intercept = reference_linear_probe(train, val)
+    assert summary["lp_c"] == pytest.approx(c, rel=1e-12) and summary["lp_fits"] == 7 + 16
+    torch.testing.assert_close(model.weight.data, torch.as_tensor(coef, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model.bias.data, torch.as_tensor(intercept, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+
+
 def test_linear_probe_learns_weight_and_bias():
     model = make(LinearProbe)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["weight", "bias"]
@@ -367,8 +452,8 @@ def test_the_frozen_tower_encodes_each_augmented_view_once(tmp_path, cls, settin
     data = DemoDataModule(num_shots=2, batch_size=4, num_workers=0)
     model = make(cls, **settings)
     encoded = []
-    original = model.encode_images
-    model.encode_images = lambda x: encoded.append(len(x)) or original(x)
+    original = model.pool_images  # the tower (the fit projects the pooled tokens itself)
+    model.pool_images = lambda x: encoded.append(len(x)) or original(x)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
@@ -392,8 +477,8 @@ def test_resuming_a_finished_fit_encodes_and_changes_nothing(tmp_path):
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
     again = make(CLIPAdapter)
     encoded = []
-    original = again.encode_images
-    again.encode_images = lambda x: encoded.append(len(x)) or original(x)
+    original = again.pool_images
+    again.pool_images = lambda x: encoded.append(len(x)) or original(x)
     trainer(4).fit(again, datamodule=DemoDataModule(num_shots=1, batch_size=2, num_workers=0), ckpt_path=ckpt)
     assert encoded == [] and bool(again.fitted)
     for mine, theirs in zip(again.adapter.parameters(), first.adapter.parameters()):

@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dpt_lightning import VPT, BiomedCoOp, BiomedDPT, CoOp, MaPLe, PromptTrainer, ZeroShot
+import dpt_lightning.methods
+from dpt_lightning import VPT, BiomedCoOp, BiomedDPT, CoOp, MaPLe, PromptTrainer, TipAdapter, ZeroShot
 from dpt_lightning.prompts import ContextPrompt
 
 CLASSES = ["circle", "cross", "square"]
@@ -119,6 +121,51 @@ def test_instance_conditioned_evaluation_never_uses_the_class_cache():
         meta.evaluation_logits({"image": images(2), "path": ["a", "b"], "label": torch.tensor([0, 1])})
         meta.evaluation_logits({"image": images(3, 1), "path": ["c", "d", "e"], "label": torch.tensor([0, 1, 2])})
     assert calls == [2, 3]
+
+
+# ---------------------------------------------------------------------------- gradients in eval mode
+BUILT_IN = sorted((cls for cls in map(dpt_lightning.methods.__dict__.get, dpt_lightning.methods.__all__)
+                   if isinstance(cls, type) and issubclass(cls, PromptTrainer) and cls is not PromptTrainer),
+                  key=lambda cls: cls.__name__)
+
+
+def loss_gradients(model, x, labels) -> dict[str, torch.Tensor]:
+    """The gradients of the method's own training loss on a batch (without Lightning)."""
+    features = model.encode_images(x)
+    text = model.text_features(features)
+    loss = model.compute_loss(model.logits(features, text), labels, features, text)["loss"]
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {n: g for n, g in zip(names, grads) if g is not None}
+
+
+@pytest.mark.parametrize("cls", BUILT_IN, ids=lambda cls: cls.__name__)
+def test_a_backward_in_eval_mode_gives_the_training_gradients(cls):
+    """Issue 21.6: with gradients on, eval mode (dropout off) must not serve the no-grad class-feature
+    cache: the loss of every built-in method that learns by gradient has the same gradients as in
+    train mode with the backbone's dropout off (CoOp's loss had no graph at all; MaPLe's context lost
+    its text-side gradient)."""
+    model = build(cls)
+    if not [p for p in model.parameters() if p.requires_grad]:
+        assert cls in (ZeroShot, TipAdapter)  # nothing learns by gradient
+        return
+    if "cache_keys" in getattr(cls, "data_shaped", ()):  # Tip-Adapter-F: a cache to train
+        model.cache_keys.data = F.normalize(torch.randn(6, model.backbone.embed_dim,
+                                                        generator=torch.Generator().manual_seed(1)), dim=-1)
+        model.cache_labels = torch.arange(6) % len(CLASSES)
+    x, labels = images(3), torch.tensor([0, 1, 2])
+    model.train()
+    model.backbone.train(False)  # the backbone's dropout off: both passes see the same network
+    trained = loss_gradients(model, x, labels)
+    model.eval()
+    evaluated = loss_gradients(model, x, labels)
+    assert trained and evaluated.keys() == trained.keys()
+    for name, grad in trained.items():
+        torch.testing.assert_close(evaluated[name], grad, rtol=0, atol=0, msg=name)
+    if not model.instance_conditioned:
+        with torch.no_grad():  # no gradient wanted: the evaluation cache serves the class features again
+            features = model.encode_images(x)
+            assert model.text_features(features) is model.text_features(features)
 
 
 # --------------------------------------------------------------------------------- stale caches

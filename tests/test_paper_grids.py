@@ -5,6 +5,7 @@ paper grid on the demo data, tiny-demo backbone, K = 1, one seed, one short epoc
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,29 @@ def test_paper_fewshot_grid_is_every_shipped_method_on_the_eleven_datasets(data_
     # every method but VPT (no published biomedical number) has the papers' averages beside it
     theirs = set(published().query("protocol == 'fewshot'")["method"])
     assert {m.name for m in grid.methods} - theirs == {"vpt"}
+
+
+def test_the_adapter_baselines_train_every_seed_on_seed_ones_images(data_root):
+    """Issue 21.2: BiomedCoOp's main.py builds the dataset with seed 1 for every task, so the published
+    rows of its five adapter baselines train seeds 1-3 on seed 1's few-shot images; the other methods
+    select with each seed. The cells say so in their names, arguments and fingerprints."""
+    grid = load_grid(FEWSHOT)
+    fixed = {m.name: m.selection_seed for m in grid.methods if m.selection_seed is not None}
+    assert fixed == dict.fromkeys(["linear_probe", "lp_plus_plus", "clip_adapter", "tip_adapter", "tip_adapter_f"], 1)
+    runs = {r.run_id: r for r in expand(grid)}
+    probe, coop = runs["linear_probe_btmri_fewshot_K16_sel1_seed2"], runs["coop_btmri_fewshot_K16_seed2"]
+    assert probe.label().endswith("K=16 | seed 2 (images of seed 1)")
+    args = probe.stages(Path("/r"))[0][1]
+    assert args[args.index("--data.seed") + 1] == "2" and args[args.index("--data.selection_seed") + 1] == "1"
+    assert "--data.selection_seed" not in coop.stages(Path("/r"))[0][1]
+    assert probe.settings()["selection_seed"] == 1 and "selection_seed" not in coop.settings()
+    free = dataclasses.replace(probe, method=dataclasses.replace(probe.method, selection_seed=None))
+    assert free.run_id == "linear_probe_btmri_fewshot_K16_seed2" and free.fingerprint() != probe.fingerprint()
+    again = load_grid(FEWSHOT)  # the grid copied into a run folder reads back with its selection seeds
+    copy_path = data_root / "grid.yaml"
+    copy_path.write_text(again.to_yaml())
+    assert {m.name: m.selection_seed for m in load_grid(copy_path).methods} == {m.name: m.selection_seed
+                                                                               for m in grid.methods}
 
 
 def test_paper_base2novel_grid_is_the_methods_that_can_name_novel_classes(data_root):
@@ -117,7 +141,8 @@ def test_demo_size_paper_table_through_dpt_bench(tmp_path, data_root, tiny_demo_
     grid = tmp_path / "paper_demo.yaml"
     grid.write_text(yaml.safe_dump({
         "name": "paper_demo", "protocol": "fewshot",
-        "methods": [{"config": m.config, "name": m.name, "args": [*m.args, *quick.get(m.name, [])]}
+        "methods": [{"config": m.config, "name": m.name, "args": [*m.args, *quick.get(m.name, [])],
+                     **({"selection_seed": m.selection_seed} if m.selection_seed is not None else {})}
                     for m in paper.methods],
         "datasets": [str(ROOT / "datasets/demo.yaml")], "shots": [1], "seeds": [1],
         "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 1,

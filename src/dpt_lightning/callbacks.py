@@ -24,9 +24,9 @@ def run_dir(trainer: Trainer) -> Path:
 class SelectionWriter(Callback):
     """Records the few-shot selection of every fit: in ``<log dir>/fewshot_split.json`` (a split
     file that reruns on exactly these images) and in every checkpoint, as
-    ``checkpoint["fewshot_selection"]``: the data module, ``num_shots``, ``seed`` and the selected
-    ``train`` and ``val`` items (``[relpath, label, classname]``; the test split is the dataset's own,
-    so it is not copied)."""
+    ``checkpoint["fewshot_selection"]``: the data module, ``num_shots``, ``seed`` (the run's),
+    ``selection_seed`` (the one that selected the images) and the selected ``train`` and ``val``
+    items (``[relpath, label, classname]``; the test split is the dataset's own, so it is not copied)."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -43,6 +43,7 @@ class SelectionWriter(Callback):
             "datamodule": type(datamodule).__name__,
             "num_shots": datamodule.num_shots,
             "seed": datamodule.seed,
+            "selection_seed": getattr(datamodule, "selection_seed", datamodule.seed),
             **datamodule.fewshot_split(splits=("train", "val")),  # not the test split: thousands of items
         }
 

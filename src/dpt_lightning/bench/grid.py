@@ -12,9 +12,10 @@ Grid keys (paths are relative to the grid file)::
 
     name: fewshot                     # default: the grid file's name
     protocol: fewshot                 # fewshot | base2novel, or a list of both
-    methods:                          # a method config, or {config, name, fit, args}
+    methods:                          # a method config, or {config, name, fit, args, selection_seed}
       - ../trainers/coop.yaml
       - {config: ../trainers/zeroshot.yaml, name: zeroshot}
+      - {config: ../trainers/linear_probe.yaml, selection_seed: 1}   # every seed trains on seed 1's images
     datasets:                         # a dataset config, or {config, name, root, args}
       - ../datasets/btmri.yaml
     data_root: ${DPT_DATA_ROOT}       # --data.root of every dataset without its own root ($VARS expand)
@@ -30,6 +31,10 @@ Grid keys (paths are relative to the grid file)::
 
 A method whose class declares ``learns = False`` (ZeroShot) is tested once per dataset and
 protocol: shots and seeds do not change its result. ``fit:`` in the grid overrides the class.
+
+A method's ``selection_seed`` fixes its few-shot images (``--data.selection_seed``) while the grid's
+seeds still vary the training (``--data.seed``): the BiomedCoOp code's protocol for its adapter
+baselines. Its cells are named ``..._K16_sel1_seed2`` and labelled ``seed 2 (images of seed 1)``.
 
 With ``backbones:`` every cell runs once per backbone (`Run.backbone`). The cell names carry the
 backbone's label only when the axis has more than one value, so a grid with one backbone (or none:
@@ -76,6 +81,7 @@ class MethodSpec:
     name: str | None = None
     fit: bool | None = None  # None: the class's ``learns``
     args: list[str] | None = None
+    selection_seed: int | None = None  # the few-shot images' seed, whatever the run's seed
 
 
 @dataclass
@@ -126,6 +132,7 @@ class Entry:
     args: tuple[str, ...] = ()
     root: str | None = None  # datasets only
     fit: bool = True  # methods only: False = test only (nothing to learn)
+    selection_seed: int | None = None  # methods only: the few-shot images' seed, whatever the run's seed
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,9 @@ class Grid:
         """The grid with every path resolved: loading it again gives the same runs."""
         data = {
             "name": self.name, "protocol": self.protocols,
-            "methods": [{"config": m.config, "name": m.name, "fit": m.fit, "args": list(m.args)} for m in self.methods],
+            "methods": [{"config": m.config, "name": m.name, "fit": m.fit, "args": list(m.args),
+                         **({} if m.selection_seed is None else {"selection_seed": m.selection_seed})}
+                        for m in self.methods],
             "datasets": [{"config": d.config, "name": d.name, "root": d.root, "args": list(d.args)}
                          for d in self.datasets],
             "shots": self.shots if len(self.protocols) > 1 else self.shots[self.protocols[0]],
@@ -325,7 +334,7 @@ def _entries(items: list, kind: str, base: Path, where: str, data_root: str | No
         args = tuple(spec.args or ())
         if kind == "methods":
             fit = spec.fit if spec.fit is not None else method_learns(config, [*common, *args])
-            entries.append(Entry(name, str(config), args, fit=fit))
+            entries.append(Entry(name, str(config), args, fit=fit, selection_seed=spec.selection_seed))
         else:
             root = spec.root if spec.root is not None else data_root
             if root is not None:
@@ -384,15 +393,24 @@ class Run:
         return f"{self.method.name} @ {self.backbone.name}" if self.labelled else self.method.name
 
     @property
+    def selection_seed(self) -> int | None:
+        """The seed of the few-shot images when the method fixes it (else the run's seed selects)."""
+        return self.method.selection_seed if self.shots is not None else None
+
+    @property
     def run_id(self) -> str:
         parts = [self.method.name, *([self.backbone.name] if self.labelled else []), self.dataset.name, self.protocol]
         if self.shots is not None:
-            parts += [f"K{self.shots}", f"seed{self.seed}"]
+            parts += [f"K{self.shots}", *([f"sel{self.selection_seed}"] if self.selection_seed is not None else []),
+                      f"seed{self.seed}"]
         return safe_name("_".join(parts))
 
     def label(self) -> str:
         text = f"{self.method_label} | {self.dataset.name} | {self.protocol}"
-        return text + (f" | K={self.shots} | seed {self.seed}" if self.shots is not None else " | test only")
+        if self.shots is None:
+            return text + " | test only"
+        images = f" (images of seed {self.selection_seed})" if self.selection_seed is not None else ""
+        return text + f" | K={self.shots} | seed {self.seed}{images}"
 
     def base_args(self, run_dir: Path) -> list[str]:
         args = ["--config", self.method.config, "--config", self.dataset.config]
@@ -403,6 +421,8 @@ class Run:
             args.append(f"--model.init_args.backbone={self.backbone.id}")
         if self.shots is not None:
             args += ["--data.num_shots", str(self.shots), "--data.seed", str(self.seed)]
+        if self.selection_seed is not None:
+            args += ["--data.selection_seed", str(self.selection_seed)]
         return args + ["--trainer.default_root_dir", str(run_dir)]
 
     def stages(self, run_dir: Path) -> list[tuple[str, list[str], str]]:
@@ -422,12 +442,13 @@ class Run:
                 "root": self.dataset.root or "", "protocol": self.protocol,
                 "shots": self.shots if self.shots is not None else "", "seed": self.seed if self.seed is not None else "",
                 "overrides": " ".join([*self.common, *self.method.args, *self.dataset.args]),
+                **({"selection_seed": self.selection_seed} if self.selection_seed is not None else {}),
                 **({"backbone_label": self.backbone.name} if self.backbone is not None else {})}
 
     def fingerprint(self) -> str:
         """Digest of everything that determines the result: the configs' content (comments
-        ignored), the data root, the overrides, the protocol, shots and seed, and the source files
-        of the method class and its base classes (`method_source`)."""
+        ignored), the data root, the overrides, the protocol, shots and seed (and the method's
+        selection seed), and the source files of the method class and its base classes (`method_source`)."""
         content = [read_yaml(p, "config file") for p in (self.method.config, self.dataset.config)]
         source = method_source(model_class_path(self.method.config, [*self.common, *self.method.args]))
         key = json.dumps([content, asdict(self.method) | {"config": ""}, asdict(self.dataset) | {"config": ""},

@@ -4,9 +4,10 @@ checks, loaders).
 A subclass only says where its items come from (`read_split`) and what its classes are
 (`all_classnames`); everything else lives here. A multi-label dataset (several findings per image)
 says ``task = "multilabel"`` and gives `MultiLabelItem` s; the rest follows from ``task``. A
-datamodule knows nothing about the model: the trainer hands it the backbone's transforms
-(`use_transforms`) before the loaders are built, and until then the reference BiomedCLIP
-transforms (224 px, CLIP mean/std) are used.
+datamodule knows nothing about the model: the trainer's model hands it the backbone's transforms
+(`use_transforms`) and its reference loader's last-batch rule (`use_batch_rule`) before the loaders
+are built; until then the reference BiomedCLIP transforms (224 px, CLIP mean/std) and Dassl's rule
+are used.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ class MedicalDataModule(LightningDataModule):
     Args:
         root: folder that holds the data (its meaning is the subclass's).
         num_shots: images per class for training (``-1``: all); validation takes ``min(K, 4)``.
-        seed: seed of the few-shot selection (an isolated random stream, as the original code).
+        seed: the run's seed: the training views' augmentation and order (and, through the CLI,
+            ``seed_everything``), and the few-shot selection unless ``selection_seed`` is given.
+        selection_seed: seed of the few-shot selection alone (an isolated random stream, as the
+            original code); ``None`` = ``seed``. The BiomedCoOp code's adapter baselines select with
+            seed 1 whatever their training seed (``selection_seed: 1``).
         subsample: ``all`` classes, or the ``base`` / ``new`` half of the base-to-novel protocol.
         split_file: a split file to use instead of the dataset's own; to rerun exactly the images of
             an exported selection (`fewshot_split()`), pass it with ``num_shots: -1``.
@@ -82,6 +87,7 @@ class MedicalDataModule(LightningDataModule):
         num_workers: int = 2,
         check_images: Literal["full", "header", "none"] = "full",
         dicom_window: DicomWindow = 0,
+        selection_seed: int | None = None,
     ):
         super().__init__()
         if num_shots == 0 or num_shots < -1:
@@ -94,7 +100,9 @@ class MedicalDataModule(LightningDataModule):
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+        selection_seed = seed if selection_seed is None else selection_seed  # the hyper-parameters record it
         self.save_hyperparameters()
+        self.selection_seed = selection_seed
         self.root = Path(root).expanduser() if root is not None else None
         self.num_shots = num_shots
         self.seed = seed
@@ -106,6 +114,7 @@ class MedicalDataModule(LightningDataModule):
         self.check_images = check_images
         self.dicom_window = check_dicom_window(dicom_window)
         self.train_transform, self.test_transform = reference_transforms()
+        self.drop_last_batch = True  #: Dassl's rule until the model says otherwise (`use_batch_rule`)
         self.full_split: dict[str, list[Item]] | None = None  #: the split as read, before selection
         self.selection: dict[str, list[Item]] | None = None  #: few-shot selection, all classes
         self.splits: dict[str, list[Item]] | None = None  #: what the loaders use (subset, remapped)
@@ -159,6 +168,11 @@ class MedicalDataModule(LightningDataModule):
         """Called by the trainer with the backbone's transforms before loaders are built."""
         self.train_transform, self.test_transform = train, test
 
+    def use_batch_rule(self, drop_last: bool) -> None:
+        """Called by the trainer's model before loaders are built: does the training loader drop an
+        epoch's last partial batch (Dassl's rule, when there is a full batch at all) or keep it?"""
+        self.drop_last_batch = drop_last
+
     # ---------------------------------------------------------------- set-up
     def setup(self, stage: str | None = None) -> None:
         """Read the split, select the few-shot subset (before the base/novel subsampling, as the
@@ -174,7 +188,7 @@ class MedicalDataModule(LightningDataModule):
             else:
                 split = self.read_split()
             sample = sample_few_shot_multilabel if self.multilabel else sample_few_shot
-            selection = select_few_shot(split, self.num_shots, self.seed, sample)
+            selection = select_few_shot(split, self.num_shots, self.selection_seed, sample)
             splits = {name: self._subsample(items) for name, items in selection.items()}
             problems = self.find_problems(split, used=[item for items in splits.values() for item in items])
         else:
@@ -268,7 +282,7 @@ class MedicalDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size if train else self.test_batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
-            drop_last=train and len(dataset) >= self.batch_size,  # as the reference (Dassl) loader
+            drop_last=train and self.drop_last_batch and len(dataset) >= self.batch_size,  # Dassl's rule by default
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -88,6 +88,9 @@ class PromptTrainer(LightningModule):
     scores_new_classes: ClassVar[bool] = True
     #: How ``visual_prompts`` enter the ViT: ``replace`` patch tokens 1..N or ``insert`` after CLS.
     visual_mode: Literal["replace", "insert"] = "replace"
+    #: Does the training loader drop an epoch's last partial batch? Dassl's rule, the reference loader
+    #: of most methods (told to the datamodule in ``setup``).
+    drop_last_batch: bool = True
     #: Where checkpoints keep the settings. Not Lightning's ``hyper_parameters``: LightningCLI would
     #: apply those over the user's config (and import the class they name) on ``--ckpt_path``; here
     #: the config and the command line define the model and the checkpoint must match it.
@@ -211,10 +214,12 @@ class PromptTrainer(LightningModule):
 
     def text_features(self, image_features: Tensor) -> Tensor:
         """``encode_classes`` as training and evaluation call it: evaluation of a method whose class
-        features do not depend on the image computes them once (until a parameter changes)."""
+        features do not depend on the image computes them once (until a parameter changes). Only
+        where no gradient is wanted: with gradients on and a trainable parameter, also in eval mode
+        (test-time adaptation, saliency, calibration), they are computed with their graph."""
         if self.instance_conditioned:
             return self.encode_classes(image_features)
-        if self.training:
+        if self.training or (torch.is_grad_enabled() and self.trainable_parameters()):
             return self.encode_classes()
         return self.eval_text_features()
 
@@ -280,6 +285,8 @@ class PromptTrainer(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "use_transforms"):
             datamodule.use_transforms(self.backbone.train_transform(), self.backbone.test_transform())
+        if datamodule is not None and hasattr(datamodule, "use_batch_rule"):
+            datamodule.use_batch_rule(drop_last=self.drop_last_batch)
         if datamodule is not None and getattr(datamodule, "classnames", None) not in (None, self.classnames):
             if stage == "fit":
                 raise ValueError(f"the data's classes {datamodule.classnames} differ from the model's "

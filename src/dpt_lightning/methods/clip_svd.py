@@ -22,7 +22,9 @@ As the reference code (HealthX-Lab/CLIP-SVD @022b1ed, ``train.py``: ``run_biomed
   output matrices and the MLP's two matrices; the image tower's fused q/k/v matrix is cut into its
   three parts first, each factorised on its own (3 x 4 x 768 + 2 x 768 = 4,608 singular values per
   block, 110,592 for BiomedCLIP's 12 + 12 blocks). Patch embedding, the towers' output projections,
-  the BERT pooler, embeddings, norms and biases stay frozen;
+  the BERT pooler, embeddings, norms and biases stay frozen. The blocks are the config's
+  ``include_train_layers``: all of them, but blocks 4-11 (``top_middle``) of both towers for CTKidney
+  base-to-novel (96 matrices instead of 144, 73,728 singular values; `CLIPSVD_SETTINGS`);
 * the text side is the template filled with each class name (``a photo of a {}.``; ``a chest xray of
   {}.`` for COVID_19 few-shot), encoded with the current singular values at every training step;
   loss: cross-entropy with the frozen logit scale, nothing else;
@@ -33,7 +35,9 @@ As the reference code (HealthX-Lab/CLIP-SVD @022b1ed, ``train.py``: ``run_biomed
   learning rate follows a cosine of period 2 x epochs *steps*: it reaches eta_min after ``epochs``
   steps and climbs back when a fit has more steps than that (``schedule="reference"``). A single
   cosine over the whole fit is ``schedule="cosine"``;
-* training views: RandomResizedCrop (scale 0.08-1, bicubic) and a random horizontal flip (``hflip``).
+* training views: RandomResizedCrop (scale 0.08-1, bicubic) and a random horizontal flip (``hflip``);
+  its loader keeps the last partial batch (``drop_last=False``; Dassl's loaders of the other methods
+  drop it): 72 training images at batch 32 are 3 steps an epoch, not 2 (``drop_last_batch``).
 
 Where this differs from the reference code, by choice:
 * the reference replaces every Linear layer of the model by its factors (x -> V^T -> s -> U), also
@@ -95,23 +99,25 @@ MATRIX_ROLES: dict[str, tuple[str, ...]] = {
 }
 # ----------------------------------------------------------------------------------------------------
 
-#: (lr, epochs) per dataset and protocol: the reference's ``configs/few_shot/<dataset>.yaml`` and
-#: ``configs/base2new/<dataset>.yaml`` (all: batch 32, AdamW without weight decay). The reference has
-#: no base-to-novel config for BUSI and no config for DermaMNIST.
-CLIPSVD_SETTINGS: dict[str, dict[str, tuple[float, int]]] = {
-    "BTMRI": {"fewshot": (0.007, 100), "base2novel": (0.009, 100)},
-    "BUSI": {"fewshot": (0.002, 100)},
-    "CHMNIST": {"fewshot": (0.007, 100), "base2novel": (0.001, 60)},
-    "COVID_19": {"fewshot": (0.0005, 100), "base2novel": (0.002, 50)},
-    "CTKidney": {"fewshot": (0.001, 200), "base2novel": (0.01, 200)},
-    "KneeXray": {"fewshot": (0.008, 100), "base2novel": (0.002, 60)},
-    "Kvasir": {"fewshot": (0.005, 100), "base2novel": (0.003, 60)},
-    "LungColon": {"fewshot": (0.003, 100), "base2novel": (0.01, 100)},
-    "OCTMNIST": {"fewshot": (0.01, 100), "base2novel": (0.02, 100)},
-    "RETINA": {"fewshot": (0.007, 100), "base2novel": (0.02, 60)},
+#: (lr, epochs, trained blocks) per dataset and protocol: the reference's ``configs/few_shot/<dataset>.yaml``
+#: and ``configs/base2new/<dataset>.yaml`` (``lr``, ``train_epochs``, ``include_train_layers``; all:
+#: batch 32, AdamW without weight decay, every matrix kind of both towers). The reference has no
+#: base-to-novel config for BUSI and no config for DermaMNIST.
+CLIPSVD_SETTINGS: dict[str, dict[str, tuple[float, int, str]]] = {
+    "BTMRI": {"fewshot": (0.007, 100, "all"), "base2novel": (0.009, 100, "all")},
+    "BUSI": {"fewshot": (0.002, 100, "all")},
+    "CHMNIST": {"fewshot": (0.007, 100, "all"), "base2novel": (0.001, 60, "all")},
+    "COVID_19": {"fewshot": (0.0005, 100, "all"), "base2novel": (0.002, 50, "all")},
+    "CTKidney": {"fewshot": (0.001, 200, "all"), "base2novel": (0.01, 200, "top_middle")},
+    "KneeXray": {"fewshot": (0.008, 100, "all"), "base2novel": (0.002, 60, "all")},
+    "Kvasir": {"fewshot": (0.005, 100, "all"), "base2novel": (0.003, 60, "all")},
+    "LungColon": {"fewshot": (0.003, 100, "all"), "base2novel": (0.01, 100, "all")},
+    "OCTMNIST": {"fewshot": (0.01, 100, "all"), "base2novel": (0.02, 100, "all")},
+    "RETINA": {"fewshot": (0.007, 100, "all"), "base2novel": (0.02, 60, "all")},
 }
-#: For other data: the median of the reference's learning rates for the protocol, 100 epochs.
-DEFAULT_SETTINGS: dict[str, tuple[float, int]] = {"fewshot": (0.006, 100), "base2novel": (0.009, 100)}
+#: For other data: the median of the reference's learning rates for the protocol, 100 epochs, every block.
+DEFAULT_SETTINGS: dict[str, tuple[float, int, str]] = {"fewshot": (0.006, 100, "all"),
+                                                        "base2novel": (0.009, 100, "all")}
 #: The reference's templates where they are not "a photo of a {}.".
 CLIPSVD_TEMPLATES: dict[str, dict[str, str]] = {"COVID_19": {"fewshot": "a chest xray of {}."}}
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -323,17 +329,22 @@ class CLIPSVD(PromptTrainer):
         towers: towers that learn (reference ``train_image_encoder`` / ``train_text_encoder``).
         layers: blocks that learn in each tower: ``all`` or a preset of the reference
             (``bottom``, ``middle``, ``top``, ``bottom_middle``, ``top_middle``, ``top_bottom``: thirds
-            of the depth) or a list of block indices.
+            of the depth) or a list of block indices; ``None`` = the reference's for the dataset and
+            protocol (``all``; ``top_middle`` for CTKidney base-to-novel), recorded in the hyper-parameters.
         matrices: matrices that learn: ``q``, ``k``, ``v``, ``out``, ``fc1``, ``fc2``.
         schedule: ``reference`` (cosine of period 2 x ``trainer.max_epochs`` steps, stepped per batch,
             as the reference) or ``cosine`` (one cosine from lr to eta_min over all steps of the fit).
         eta_min: the schedule's lowest learning rate.
         hflip: random horizontal flips of the training images (reference: yes).
+        drop_last_batch: drop the last partial training batch of an epoch (Dassl's rule, the other
+            methods); the reference's loader keeps it (``False``).
         **kwargs: `PromptTrainer`'s (backbone, ...; ``momentum`` is not used, and there is no
             warm-up: ``warmup_epochs`` must stay 0).
     """
 
     reference_backbone_dropout = True
+    #: The reference's loader keeps an epoch's last partial batch (``drop_last_batch`` changes it).
+    drop_last_batch = False
 
     def __init__(
         self,
@@ -341,11 +352,12 @@ class CLIPSVD(PromptTrainer):
         lr: float | None = None,
         weight_decay: float = 0.0,
         towers: list[Tower] = ("image", "text"),
-        layers: str | list[int] = "all",
+        layers: str | list[int] | None = None,
         matrices: list[str] = ROLES,
         schedule: Literal["reference", "cosine"] = "reference",
         eta_min: float = 1e-6,
         hflip: bool = True,
+        drop_last_batch: bool = False,
         warmup_epochs: int = 0,
         **kwargs,
     ):
@@ -359,16 +371,19 @@ class CLIPSVD(PromptTrainer):
             raise ValueError(f"model.schedule must be 'reference' or 'cosine' and model.eta_min >= 0, got "
                              f"{schedule!r}, {eta_min}")
         super().__init__(lr=resolved["lr"], weight_decay=weight_decay, warmup_epochs=warmup_epochs, **kwargs)
+        self.drop_last_batch = drop_last_batch
         # lists, not the defaults' tuples: hparams.yaml must load with yaml.safe_load
-        record_hparams(self, lr=resolved["lr"], towers=list(towers), matrices=list(matrices),
-                       layers=layers if isinstance(layers, str) else list(layers))
+        record_hparams(self, lr=resolved["lr"], towers=list(towers), matrices=list(matrices))
 
     def configure_prompts(self) -> None:
         hp = self.hparams
         template = hp.template
         if template is None:
             template = (dataset_setting(CLIPSVD_TEMPLATES, hp.dataset, hp.protocol) or DEFAULT_TEMPLATE)
-        record_hparams(self, template=template)
+        layers = hp.layers
+        if layers is None:
+            layers = (dataset_setting(CLIPSVD_SETTINGS, hp.dataset, hp.protocol) or DEFAULT_SETTINGS[hp.protocol])[2]
+        record_hparams(self, template=template, layers=layers if isinstance(layers, str) else list(layers))
         prompts = [template.format(name) for name in self.classnames]
         check_text_lengths(self.backbone, [[p] for p in prompts], self.classnames, "model.template")
         self.register_buffer("prompt_ids", self.tokenize(prompts), persistent=False)

@@ -20,12 +20,14 @@ Lightning hands to that step is not used: the passes above read the training set
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -47,11 +49,18 @@ def view_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
 @dataclass
 class FeatureSet:
     """L2-normalised image features (N, D) with their labels (N,) and item indices (N,), in the
-    order the images were visited (a training pass: its epoch's shuffled order)."""
+    order the images were visited (a training pass: its epoch's shuffled order), and ``raw``: the
+    same features before the normalisation, the image tower's output (open_clip's ``encode_image``),
+    which averages over passes need; a set given only normalised features takes them as ``raw``."""
 
     features: Tensor
     labels: Tensor
     indices: Tensor
+    raw: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.raw is None:
+            self.raw = self.features
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,21 +74,23 @@ class FeatureSet:
     def by_item(self) -> FeatureSet:
         """The same features sorted by item index (to line up several passes)."""
         order = torch.argsort(self.indices)
-        return FeatureSet(self.features[order], self.labels[order], self.indices[order])
+        return FeatureSet(self.features[order], self.labels[order], self.indices[order], self.raw[order])
 
 
 def encode_batches(batches, encode: Callable[[dict], Tensor], device: torch.device) -> FeatureSet:
     """Features of every batch (dicts with ``image``, ``label`` and the dataset's ``path`` and
-    ``view``) from ``encode``, no gradients; items are numbered in the order they come."""
-    features, labels = [], []
+    ``view``): ``encode`` gives the tower's output (unnormalised), each batch is normalised as
+    `PromptTrainer.encode_images` normalises; no gradients; items are numbered in the order they come."""
+    raw, features, labels = [], [], []
     with torch.no_grad():
         for batch in batches:
-            features.append(encode({**batch, "image": batch["image"].to(device)}).float())
+            raw.append(encode({**batch, "image": batch["image"].to(device)}).float())
+            features.append(F.normalize(raw[-1], dim=-1))
             labels.append(torch.as_tensor(batch["label"]).to(device))
     if not features:
         raise ValueError("no images to encode")
     labels = torch.cat(labels)
-    return FeatureSet(torch.cat(features), labels, torch.arange(len(labels), device=device))
+    return FeatureSet(torch.cat(features), labels, torch.arange(len(labels), device=device), torch.cat(raw))
 
 
 class TrainingViews:
@@ -125,7 +136,7 @@ class TrainingViews:
         indices = torch.tensor([key[0] if isinstance(key, tuple) else key for key in keys], device=self.device)
         count = -(-len(keys) // self.batch_size)
         views = encode_batches(itertools.islice(self._batches, count), self.encode, self.device)
-        views = FeatureSet(views.features, views.labels, indices)
+        views = dataclasses.replace(views, indices=indices)
         if self.distinct is not None:
             self._kept[self.passes] = views
         self.passes += 1
@@ -222,10 +233,16 @@ class FrozenFeatureTrainer(PromptTrainer):
             datamodule.use_transforms(self.train_view_transform(), self.backbone.test_transform())
 
     def encode_frozen(self, batch: dict) -> Tensor:
-        """Image features of a batch through the frozen tower (normalised), without gradients;
-        from the feature store when it is on (`PromptTrainer.image_features`)."""
+        """The frozen image tower's output for a batch (B, D), before the normalisation (open_clip's
+        ``encode_image``: ``pool_images`` then the projection), without gradients; the pooled tokens
+        come from the feature store when it is on, as in `PromptTrainer.image_features`."""
         with torch.no_grad():
-            return self.image_features(batch)
+            store = self.feature_store()
+            if store is None or "view" not in batch:
+                pooled = self.pool_images(batch["image"])
+            else:
+                pooled = store.pooled(batch["path"], batch["view"], batch["image"], self.pool_images)
+            return self.backbone.project_image(pooled).float()
 
     # ------------------------------------------------------------- the fit
     def prepare_fit(self, views: TrainingViews, val: FeatureSet | None):

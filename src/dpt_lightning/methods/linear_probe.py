@@ -1,22 +1,19 @@
 """The linear probe as the BiomedCoOp code runs it (CLIP's protocol): L2-regularised logistic
 regression on the frozen features of one augmented pass, its inverse strength C searched on the
-validation split. The reference fits scikit-learn's ``LogisticRegression(solver="lbfgs")``; this is
-the same objective minimised by L-BFGS in torch (float64)."""
+validation split. Every fit is scikit-learn's ``LogisticRegression(solver="lbfgs")`` itself, called
+as the reference calls it (``max_iter=1000``, default ``tol=1e-4``, the normalised float32 features
+of the tower), so that the same fits stop at the same points and the search picks the same C."""
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpt_lightning.methods.frozen_features import FeatureSet, FrozenFeatureTrainer, TrainingViews, accuracy
-
-#: scikit-learn's defaults for L-BFGS: relative loss change (scipy's ``ftol``), evaluations.
-LOSS_CHANGE_TOLERANCE = 64 * torch.finfo(torch.float64).eps
-MAX_EVALUATIONS = 15000
 
 
 def logistic_objective(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor, c: float) -> Tensor:
@@ -46,7 +43,7 @@ class LinearProbe(FrozenFeatureTrainer):
         bisection_steps: reference 8.
         select: ``last_step`` (reference: the better model of the last bisection step) or
             ``best_val`` (the model of the best validation accuracy among every fit, the first one).
-        max_iter, tol: L-BFGS iterations and gradient tolerance (scikit-learn: 1000, 1e-4).
+        max_iter, tol: scikit-learn's ``max_iter`` and ``tol`` (reference: 1000 and the default 1e-4).
     """
 
     #: Fitted from zero by L-BFGS: the weights legitimately end far from their start.
@@ -81,26 +78,12 @@ class LinearProbe(FrozenFeatureTrainer):
             return class_scores(image_features, text_features, self.bias).float()
 
     def configure_optimizers(self):
-        hp = self.hparams
-        return torch.optim.LBFGS([self.weight, self.bias], lr=1, max_iter=hp.max_iter, max_eval=MAX_EVALUATIONS,
-                                 tolerance_grad=hp.tol, tolerance_change=LOSS_CHANGE_TOLERANCE, history_size=10,
-                                 line_search_fn="strong_wolfe")
+        return LogisticRegressionFit(self.weight, self.bias, self.hparams.max_iter, self.hparams.tol)
 
     def fit_c(self, features: Tensor, labels: Tensor, c: float) -> tuple[Tensor, Tensor]:
-        """Minimise the objective for ``c`` from zero; the fitted (weight, bias)."""
+        """scikit-learn's fit for ``c`` (one optimiser step); the fitted (weight, bias)."""
         (optimizer,) = self.head_optimizers()
-        getattr(optimizer, "optimizer", optimizer).state.clear()
-        with torch.no_grad():
-            self.weight.zero_()
-            self.bias.zero_()
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = logistic_objective(self.weight, self.bias, features, labels, c)
-            self.head_backward(loss)
-            return loss
-
-        optimizer.step(closure)
+        optimizer.step(problem=(features, labels, c))
         return self.weight.detach().clone(), self.bias.detach().clone()
 
     def prepare_fit(self, views: TrainingViews, val: FeatureSet | None) -> FeatureSet:
@@ -109,17 +92,18 @@ class LinearProbe(FrozenFeatureTrainer):
     def fit_features(self, views: TrainingViews, val: FeatureSet | None, epochs: int,
                      prepared=None) -> dict[str, float]:
         hp = self.hparams
-        features, labels = prepared.features.double(), prepared.labels
+        features, labels = prepared.features, prepared.labels  # float32, as the reference hands them over
 
         def fit(c: float) -> tuple[float, tuple[Tensor, Tensor]]:
             weight, bias = self.fit_c(features, labels, c)
             return accuracy(class_scores(val.features, weight, bias), val.labels), (weight, bias)
 
         c, acc, (weight, bias), fits = search_c(fit, hp.c_grid, hp.bisection_steps, hp.select)
+        c = float(c)
         with torch.no_grad():
             self.weight.copy_(weight)
             self.bias.copy_(bias)
-            loss = logistic_objective(weight, bias, features, labels, c).item()
+            loss = logistic_objective(weight, bias, features.to(weight.dtype), labels, c).item()
         return {"train_loss": loss, "fit_val_acc": acc, "lp_c": c, "lp_fits": float(fits)}
 
 
@@ -129,18 +113,56 @@ def search_c(fit, c_grid: Sequence[float], steps: int, select: str = "last_step"
     in log10: both ends are fitted, the better one (the right end only if strictly better) is the
     step's model and the range shrinks to the half on its side. Returns (C, accuracy, model,
     number of fits) of the last step's model, or with ``select="best_val"`` of the first fit of the
-    best accuracy."""
+    best accuracy.
+
+    The arithmetic is the reference's, NumPy's included: the values after the first step are NumPy
+    float64 scalars (``np.power``), as the reference hands them to scikit-learn, whose float32
+    arithmetic they change under NumPy 2's promotion rules (a Python float does not)."""
     history = [(c, *fit(c)) for c in c_grid]
     chosen = max(history, key=lambda entry: entry[1])  # max keeps the first of equals
     left, right = 0.1 * chosen[0], 10 * chosen[0]
     for _ in range(steps):
         at_left, at_right = (left, *fit(left)), (right, *fit(right))
         history += [at_left, at_right]
-        middle = 0.5 * (math.log10(right) + math.log10(left))
+        middle = 0.5 * (np.log10(right) + np.log10(left))
         if at_left[1] < at_right[1]:
-            chosen, left, right = at_right, 10 ** middle, 10 ** math.log10(right)
+            chosen, left, right = at_right, np.power(10, middle), np.power(10, np.log10(right))
         else:
-            chosen, left, right = at_left, 10 ** math.log10(left), 10 ** middle
+            chosen, left, right = at_left, np.power(10, np.log10(left)), np.power(10, middle)
     if select == "best_val":
         chosen = max(history, key=lambda entry: entry[1])
     return (*chosen, len(history))
+
+
+class LogisticRegressionFit(torch.optim.Optimizer):
+    """scikit-learn's ``LogisticRegression(solver="lbfgs", C=C, max_iter, tol)`` as the optimiser of a
+    linear head: ``weight`` (rows, D) and ``bias`` (rows,), one row for two classes (scikit-learn's
+    binary model), else one per class. ``step(problem=(features, labels, C))`` fits from zero on
+    ``features`` (N, D) as given (their dtype is scikit-learn's: the reference gives float32) and sets
+    the head to ``coef_`` and ``intercept_``; it returns the fitted head's objective
+    (`logistic_objective`). A step calls its ``closure`` first, if any (Lightning's hooks)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter, max_iter: int = 1000, tol: float = 1e-4):
+        super().__init__([{"params": [weight, bias]}], {"max_iter": max_iter, "tol": tol})
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *,  # type: ignore[override]
+             problem: tuple[Tensor, Tensor, float]) -> Tensor:
+        from sklearn.linear_model import LogisticRegression
+
+        if closure is not None:
+            closure()
+        features, labels, c = problem
+        group = self.param_groups[0]
+        weight, bias = group["params"]
+        classes = 2 if weight.shape[0] == 1 else weight.shape[0]
+        present = sorted(int(label) for label in torch.unique(labels))
+        if present != list(range(classes)):
+            raise ValueError(f"linear probe: the training features hold the classes {present}, the head has "
+                             f"{classes}; every class needs at least one training image")
+        # penalty left at its default, "l2" (the reference's; newer versions deprecate naming it)
+        fitted = LogisticRegression(solver="lbfgs", C=c, max_iter=group["max_iter"], tol=group["tol"]).fit(
+            features.detach().cpu().numpy(), labels.detach().cpu().numpy())
+        weight.copy_(torch.as_tensor(fitted.coef_).to(weight))
+        bias.copy_(torch.as_tensor(fitted.intercept_).to(bias))
+        return logistic_objective(weight, bias, features.to(weight.dtype), labels, c)

@@ -33,8 +33,8 @@ def search_grid(scale: float, steps: int) -> list[float]:
 
 
 class TipAdapter(FrozenFeatureTrainer):
-    """Training-free Tip-Adapter: the cache is fitted from the data (its keys are the mean feature
-    of each training image over ``augment_epochs`` augmented passes, re-normalised), then
+    """Training-free Tip-Adapter: the cache is fitted from the data (its keys are the mean tower
+    output of each training image over ``augment_epochs`` augmented passes, normalised), then
     ``(beta, alpha)`` are searched on the validation split (the first best point, beta outermost).
     Nothing learns by gradient; the cache, ``alpha`` and ``beta`` are what a checkpoint holds.
 
@@ -100,14 +100,17 @@ class TipAdapter(FrozenFeatureTrainer):
 
     # ------------------------------------------------------------------ fit
     def build_cache(self, views: TrainingViews) -> None:
-        """Keys: each training image's feature averaged over ``augment_epochs`` passes, normalised."""
+        """Keys: each training image's tower output (unnormalised) averaged over ``augment_epochs``
+        passes, then normalised, as the reference's ``build_cache_model``."""
         passes = [views.next_pass().by_item() for _ in range(self.hparams.augment_epochs)]
-        keys = torch.stack([p.features for p in passes]).mean(0)
+        keys = torch.stack([p.raw for p in passes]).mean(0)
         self.cache_keys.data = F.normalize(keys, dim=-1)
         self.cache_labels = passes[0].labels.clone()
 
     def search_alpha_beta(self, val: FeatureSet) -> float:
-        """Set (beta, alpha) to the grid point of the best validation accuracy; returns it."""
+        """Set (beta, alpha) to the grid point of the best validation accuracy; returns it. When no
+        point gets one validation image right, (beta, alpha) = (0, 0), as the reference (whose
+        search starts there and moves only on a strictly better accuracy): zero-shot logits."""
         search = self.head_optimizers()[-1]
         betas, alphas = (torch.tensor(group["grid"], device=self.device) for group in search.param_groups)
         scale, values = self.clip_scale(), self.cache_values()
@@ -123,7 +126,12 @@ class TipAdapter(FrozenFeatureTrainer):
                 table.append(-(logits.argmax(-1) == val.labels).sum(-1))
             return torch.stack(table).float()
 
-        return -float(search.step(errors)) / len(val)
+        correct = -float(search.step(errors))
+        if correct == 0:
+            with torch.no_grad():
+                self.beta.zero_()
+                self.alpha.zero_()
+        return correct / len(val)
 
     def prepare_fit(self, views: TrainingViews, val: FeatureSet | None) -> None:
         self.build_cache(views)
