@@ -204,7 +204,8 @@ def stored_tensors(source: str) -> dict:
                 raise ConversionError(f"its weights file {f} cannot be read ({type(err).__name__}: "
                                       f"{first_line(err)}); it is truncated or damaged: download it again") from None
         return state
-    raise ConversionError(f"it has no weights file ({' or '.join(HF_WEIGHT_FILES)})")
+    offline = "" if Path(source).expanduser().is_dir() else " in the Hugging Face cache or on the hub"
+    raise ConversionError(f"it has no weights file ({' or '.join(HF_WEIGHT_FILES)}){offline}")
 
 
 def first_line(err: BaseException) -> str:
