@@ -290,6 +290,7 @@ def test_evaluation_stops_on_non_finite_logits():
 
 
 # --------------------------------------------------------------------- E. untrained tests are said
+@pytest.mark.slow
 def test_testing_an_untrained_method_is_said_in_the_console_and_the_run(coop_ckpt, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"test of an UNTRAINED CoOp: no --ckpt_path was given.*--untrained true"):
         main(["test", *config("coop"), "--trainer.default_root_dir", str(tmp_path / "plain")])
