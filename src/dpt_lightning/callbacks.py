@@ -1,5 +1,5 @@
-"""Callbacks the CLI adds to every run: the few-shot selection, the prediction CSV and the
-divergence guard."""
+"""Callbacks the CLI adds to every run: the few-shot selection, the prediction CSV, the
+divergence guard and the notice of an untrained evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -147,3 +147,42 @@ class DivergenceGuard(Callback):
             raise DivergenceError(message + "; stopped because --divergence.stop is true")
         rank_zero_warn(message + "; add --divergence.stop true to stop such a run")
         self._warned = True
+
+
+#: The file in the run folder that records an evaluation of a method with nothing learned.
+UNTRAINED_FILE = "UNTRAINED.txt"
+
+
+class UntrainedNotice(Callback):
+    """Says so when a method that learns (``learns``) is validated, tested or predicts with nothing
+    learned: no checkpoint was loaded and nothing was fitted in this run, so its numbers are the
+    initial prompt's. A warning in the console, unless ``allow`` (the command's ``--untrained
+    true``: on purpose), and in either case `UNTRAINED_FILE` in the run folder, so that the run's
+    files say it too."""
+
+    def __init__(self, allow: bool = False):
+        self.allow = allow
+
+    def _notice(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not getattr(pl_module, "learns", False) or getattr(pl_module, "weights_source", "fit") is not None:
+            return
+        folder = run_dir(trainer)  # on every rank (collective under DDP)
+        message = (f"{stage} of an UNTRAINED {type(pl_module).__name__}: no --ckpt_path was given and nothing was "
+                   "fitted in this run, so these are the numbers of its initial parameters, not of a trained "
+                   "model.")
+        if trainer.is_global_zero:
+            atomic_write(folder / UNTRAINED_FILE, message + (" Asked for with --untrained true.\n" if self.allow else
+                                                            "\n"))
+        if not self.allow:
+            rank_zero_warn(f"{message} Pass --ckpt_path PATH (or --ckpt_path last: this config's last fit) for a "
+                           "trained model, or --untrained true to do this on purpose (and silence this warning)")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":  # not the validation inside a fit
+            self._notice(trainer, pl_module, "validation")
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._notice(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._notice(trainer, pl_module, "predict")

@@ -2,7 +2,8 @@
 
 ``dpt-export run/checkpoints/last.ckpt -o btmri_coop.safetensors`` writes the learned prompt
 tensors (a few KB) and ``btmri_coop.json``: the method, its settings, the backbone and its
-fingerprint, the class names and the dataset. Neither file can run code when loaded.
+fingerprint, the class names and the dataset. Neither file can run code when loaded; a checkpoint
+or an export whose tensors hold NaN or infinite values is refused, naming them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save
 
 from dpt_lightning.files import atomic_write
 from dpt_lightning.methods import CheckpointMismatchError, PromptTrainer
-from dpt_lightning.methods.checkpoints import CheckpointReadError, read_checkpoint
+from dpt_lightning.methods.checkpoints import CheckpointReadError, read_checkpoint, refuse_non_finite
 
 
 def card_path(weights: str | Path) -> Path:
@@ -63,14 +64,20 @@ def _method_class(class_path: str, method_class: type | None) -> type:
     return cls
 
 
-def load_exported(weights: str | Path, method_class: type | None = None, **overrides) -> PromptTrainer:
+def load_exported(weights: str | Path, method_class: type | None = None, allow_unverified_backbone: bool = False,
+                  **overrides) -> PromptTrainer:
     """Rebuild the model of an export (backbone from its id, e.g. ``backbone='local-dir:...'`` as an
-    override) and load the prompt tensors; the identity checks of checkpoints apply."""
+    override) and load the prompt tensors; the identity checks of checkpoints apply (an export of
+    an older format that cannot show its backbone's weights needs ``allow_unverified_backbone``).
+    Tensors that are not finite are refused, naming them, before anything is built."""
     card = json.loads(card_path(weights).read_text())
     identity = card["dpt_lightning"]
     cls = _method_class(identity.get("class_path", ""), method_class)
+    state = load_file(str(weights))
+    refuse_non_finite(state, f"export {weights}")
     model = cls(**{**method_settings(card["hyper_parameters"]), **overrides})
-    checkpoint = {"dpt_lightning": identity, "state_dict": load_file(str(weights))}
+    model.allow_unverified_backbone = allow_unverified_backbone
+    checkpoint = {"dpt_lightning": identity, "state_dict": state}
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=False)
     return model.eval()

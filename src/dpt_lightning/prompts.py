@@ -33,26 +33,56 @@ def reference_n_ctx(template: str) -> int:
     return len(template_prefix(template).split())
 
 
-def check_text_lengths(backbone: BiomedCLIP, groups: list[list[str]], classnames: list[str], setting: str) -> None:
-    """Texts longer than the tokenizer's context are cut by it. Say so (a warning with the count),
-    and refuse (``ValueError`` naming the classes) when the cut makes two classes' texts identical:
-    their features would be too, and the classes could not be told apart."""
-    limit = backbone.context_length - 2  # [CLS]/[SEP] or start/end tokens
-    long = [text for group in groups for text in group if len(backbone.word_pieces(text)) > limit]
-    if not long:
-        return
-    seen: dict[tuple, str] = {}
-    for name, group in zip(classnames, groups):
-        ids = backbone.tokenize(group, trim=False)
-        key = tuple(map(tuple, ids.tolist()))
+def fill_template(template: str, name: str, setting: str = "model.template") -> str:
+    """``template`` with ``name`` in its ``{}``; a template that ``str.format`` cannot fill with one
+    name (``{x}``, ``{0} {1}``, a lone ``{``) is a ValueError naming the setting."""
+    try:
+        return template.format(name)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"{setting} {template!r} cannot be filled with a class name ({type(err).__name__}: {err}): "
+                         "write '{}' where the class name goes (and '{{' / '}}' for literal braces)") from None
+
+
+def check_class_texts(backbone: BiomedCLIP, groups: list[list[str]], classnames: list[str], setting: str) -> None:
+    """The class-distinctness rule, for every method and every source of class texts (a template,
+    a description bank): once tokenized and cut to the tokenizer's context, no two classes may have
+    the same texts, since their features would be the same and the classes could not be told apart.
+    A ValueError names both classes and why (no ``{}`` in the template, names the vocabulary cannot
+    spell, texts cut before the class name). Texts longer than the context are said (a warning
+    with the count)."""
+    flat = [text for group in groups for text in group]
+    ids = backbone.tokenize(flat, trim=False).tolist() if flat else []
+    seen: dict[tuple, int] = {}
+    start = 0
+    for index, group in enumerate(groups):
+        key = tuple(sorted(map(tuple, ids[start:start + len(group)])))  # the ensemble ignores order
+        start += len(group)
         if key in seen:
-            raise ValueError(f"{setting}: the texts of classes {seen[key]!r} and {name!r} are identical once cut "
-                             f"to the tokenizer's {backbone.context_length} tokens, so the classes cannot be told "
-                             "apart; shorten the template or sentences (the class name must come before the cut)")
-        seen[key] = name
-    total = sum(len(group) for group in groups)
-    warnings.warn(f"{setting}: {len(long)} of {total} text(s) are longer than the tokenizer's {backbone.context_length} "
-                  f"tokens and were cut, e.g. {long[0][:80]!r}...", stacklevel=3)
+            first = seen[key]
+            what, remedy = _why_identical(backbone, groups[first], group)
+            raise ValueError(f"{setting}: the texts of classes {classnames[first]!r} and {classnames[index]!r} {what}, "
+                             f"so the classes cannot be told apart; {remedy}")
+        seen[key] = index
+    limit = backbone.context_length - 2  # [CLS]/[SEP] or start/end tokens
+    long = [text for text in flat if len(backbone.word_pieces(text)) > limit]
+    if long:
+        warnings.warn(f"{setting}: {len(long)} of {len(flat)} text(s) are longer than the tokenizer's "
+                      f"{backbone.context_length} tokens and were cut, e.g. {long[0][:80]!r}...", stacklevel=3)
+
+
+def _why_identical(backbone: BiomedCLIP, first: list[str], second: list[str]) -> tuple[str, str]:
+    """What made two classes' texts identical, and what to do."""
+    if sorted(first) == sorted(second):
+        return (f"are the same text ({first[0][:80]!r})", "the class name is not in it: a template needs '{}' where "
+                "the class name goes, a description bank sentences of each class's own")
+    limit = backbone.context_length - 2
+    if any(len(backbone.word_pieces(text)) > limit for text in first + second):
+        return (f"are identical once cut to the tokenizer's {backbone.context_length} tokens",
+                "shorten the template or sentences (the class name must come before the cut)")
+    a, b = (backbone.word_pieces(text) for text in (first[0], second[0]))
+    return (f"are identical once tokenized ({first[0][:60]!r} -> {a[:12]}, {second[0][:60]!r} -> {b[:12]})",
+            "the backbone's vocabulary cannot spell the class names: write them in words it knows (e.g. English), "
+            "or check that the backbone folder has its own tokenizer files")
 
 
 class ContextPrompt(nn.Module):
@@ -105,8 +135,8 @@ class ContextPrompt(nn.Module):
         self.template = template
         self.class_specific = class_specific
         self.position = position
-        prompts = [template.format(name) for name in classnames]
-        check_text_lengths(backbone, [[p] for p in prompts], classnames, "model.template")
+        prompts = [fill_template(template, name) for name in classnames]
+        check_class_texts(backbone, [[p] for p in prompts], classnames, "model.template")
         ids = backbone.tokenize(prompts, trim=trim)
         with torch.no_grad():
             embeddings = backbone.token_embedding(ids).float()

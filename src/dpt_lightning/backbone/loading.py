@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -56,6 +57,14 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.saf
 #: Names of the models that `dpt_lightning.demo` generates locally.
 GENERATED_NAMES = ("tiny", "tiny-demo", "tiny-clip", "tiny-clip-demo", "random-biomedclip")
 SCHEMES = ("hf-hub:", "local-dir:", "openclip:", "hf-clip:")
+#: The files a Hugging Face tokenizer can be built from: any one of these groups.
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"), ("spiece.model",),
+                       ("sentencepiece.bpe.model",), ("tokenizer.model",))
+TOKENIZER_FILES_TEXT = "tokenizer.json, or vocab.txt, or vocab.json with merges.txt, or a sentencepiece .model file"
+#: Ordinary words the tokenizer of any usable backbone spells without an unknown token.
+ORDINARY_TEXT = "a photo of a chest x-ray"
+#: Fewer tokens than this: the tokenizer was built without its vocabulary (only its special tokens).
+MIN_VOCABULARY = 100
 
 OFFLINE_HINT = (" Without network access, write the model's folder once elsewhere (`download_backbone(name, "
                 "folder)`, or `python -m dpt_lightning.backbone download NAME FOLDER`) and load it with "
@@ -129,7 +138,20 @@ def local_folder_kwargs(folder: Path) -> dict:
                                 "repository): put it beside open_clip_config.json")
     register_image_tower(model_cfg.get("vision_cfg", {}), config_file)
     text_cfg = model_cfg.get("text_cfg", {})
+    tokenizer = text_cfg.get("hf_tokenizer_name")
+    if tokenizer and not has_tokenizer_files(lambda f: (folder / f).is_file()):
+        raise BackboneLoadError(
+            f"local-dir backbone folder {folder} has no tokenizer files ({TOKENIZER_FILES_TEXT}) for its text "
+            f"tower's tokenizer {tokenizer!r}: open_clip reads them from the folder, and without them every word "
+            f"would be unknown. Copy them from the hub repository {tokenizer} into the folder (download_backbone "
+            "writes them; README 'Offline use')")
     if "hf_model_name" not in text_cfg or not (folder / "config.json").is_file():
+        repo = text_cfg.get("hf_model_name")
+        reason = None if not repo or hub_file_cached(repo, "config.json") else hub_unreachable()
+        if reason:  # open_clip would ask the hub for the text tower's config
+            raise BackboneLoadError(f"local-dir backbone folder {folder} has no config.json for its text tower "
+                                    f"{repo!r}, nor has the Hugging Face cache, and {reason}: copy that model's "
+                                    "config.json into the folder (download_backbone does; README 'Offline use')")
         return {}  # open_clip builds the text tower from the name in the config (the hub, or its cache)
     return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
                          "hf_model_pretrained": False}}
@@ -164,12 +186,65 @@ def register_image_tower(vision_cfg: dict, config_file: Path) -> None:
                                 "does not know: install the timm version the model was made with")
 
 
+def has_tokenizer_files(exists: Callable[[str], bool]) -> bool:
+    """Whether the files a Hugging Face tokenizer is built from are there (``exists(name)``):
+    one of `TOKENIZER_FILE_SETS`."""
+    return any(all(exists(name) for name in group) for group in TOKENIZER_FILE_SETS)
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """Refuse a loaded tokenizer that cannot spell ordinary words: a Hugging Face tokenizer built
+    without its vocabulary files has a handful of special tokens and reads every word as unknown,
+    so every class prompt would be the same. (open_clip's own BPE tokenizer is built in: complete.)"""
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is None or not hasattr(inner, "tokenize"):
+        return
+    size, pieces = len(inner), inner.tokenize(ORDINARY_TEXT)
+    unknown = getattr(inner, "unk_token", None)
+    if size < MIN_VOCABULARY or (unknown is not None and unknown in pieces):
+        raise BackboneLoadError(
+            f"backbone {name!r}: its tokenizer has {size} tokens and spells {ORDINARY_TEXT!r} as {pieces}: its "
+            f"vocabulary files are missing or incomplete, and every class name would read the same. Give the "
+            f"backbone the tokenizer files of the model's hub repository ({TOKENIZER_FILES_TEXT}; download_backbone "
+            "writes them, README 'Offline use')")
+
+
 # -------------------------------------------------------------------------------------- the hub
-def hub_is_cached(repo: str) -> bool:
-    """Whether the Hugging Face cache already holds ``repo``'s open_clip config (no network used)."""
+def hub_file_cached(repo: str, filename: str) -> bool:
+    """Whether the Hugging Face cache holds ``filename`` of ``repo`` (no network used)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo, CONFIG_FILE), str)
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def hub_is_cached(repo: str) -> bool:
+    """Whether the Hugging Face cache already holds ``repo``'s open_clip config (no network used)."""
+    return hub_file_cached(repo, CONFIG_FILE)
+
+
+def missing_hub_files(repo: str) -> list[str]:
+    """What open_clip's loader needs of the open_clip model ``repo`` and the Hugging Face cache does
+    not hold: the config, a weights file and, for a Hugging Face text tower, its config and its
+    tokenizer files (from the repositories the config names). Empty when everything is cached."""
+    if not hub_is_cached(repo):
+        return [f"{repo}/{CONFIG_FILE}"]
+    missing = []
+    if not any(hub_file_cached(repo, f) for f in OPEN_CLIP_WEIGHTS):
+        missing.append(f"{repo}: a weights file ({' or '.join(OPEN_CLIP_WEIGHTS)})")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        text_cfg = json.loads(Path(try_to_load_from_cache(repo, CONFIG_FILE)).read_text())["model_cfg"].get(
+            "text_cfg", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BackboneLoadError(f"the cached {CONFIG_FILE} of {repo} is not an open_clip config ({err}): delete it "
+                                "from the Hugging Face cache and download the model again") from err
+    if text_cfg.get("hf_model_name") and not hub_file_cached(text_cfg["hf_model_name"], "config.json"):
+        missing.append(f"{text_cfg['hf_model_name']}/config.json (the text tower's config)")
+    tokenizer = text_cfg.get("hf_tokenizer_name")
+    if tokenizer and not has_tokenizer_files(lambda f: hub_file_cached(tokenizer, f)):
+        missing.append(f"{tokenizer}: the tokenizer files ({TOKENIZER_FILES_TEXT})")
+    return missing
 
 
 def hub_is_reachable(timeout: float = 3.0) -> bool:
@@ -182,24 +257,32 @@ def hub_is_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def require_download(name: str, cached: bool, where: str = "the Hugging Face cache") -> None:
-    """Fail at once, with the ``local-dir:`` alternative, for a model that is not ``cached`` when
-    the hub cannot be reached (instead of minutes of retries inside huggingface_hub)."""
-    if cached:
-        return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
-    if offline or not hub_is_reachable():
-        reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-        raise BackboneLoadError(f"backbone {name!r} is not in {where} and {reason}.{OFFLINE_HINT}")
+def hub_unreachable() -> str | None:
+    """Why nothing can be downloaded now (``HF_HUB_OFFLINE`` set, or no connection), or None."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE is set"
+    return None if hub_is_reachable() else "the hub cannot be reached"
+
+
+def require_download(name: str, cached: bool, where: str = "the Hugging Face cache",
+                     missing: Sequence[str] = ()) -> None:
+    """Fail at once, with the ``local-dir:`` alternative, for a model that is not ``cached`` (the
+    files it lacks: ``missing``) when the hub cannot be reached (instead of minutes of retries
+    inside huggingface_hub, or a model loaded without some of its files)."""
+    reason = None if cached else hub_unreachable()
+    if reason:
+        lacks = f" (it lacks {'; '.join(missing)})" if missing else ""
+        raise BackboneLoadError(f"backbone {name!r} is not complete in {where}{lacks} and {reason}.{OFFLINE_HINT}")
 
 
 def check_hub_access(name: str) -> None:
-    """`require_download` for an ``hf-hub:`` model; one not in the cache is then fetched, verified,
-    before open_clip reads it (`fetch.prefetch_open_clip`: one message for a failed download)."""
+    """`require_download` for an ``hf-hub:`` model: every file its loader needs (`missing_hub_files`);
+    a model not (wholly) in the cache is then fetched, verified, before open_clip reads it
+    (`fetch.prefetch_open_clip`: one message for a failed download)."""
     repo = name[len("hf-hub:"):]
-    cached = hub_is_cached(repo)
-    require_download(name, cached)
-    if not cached:
+    missing = missing_hub_files(repo)
+    require_download(name, not missing, missing=missing)
+    if missing:
         from dpt_lightning.backbone.fetch import HubFetchError, prefetch_open_clip
 
         try:
@@ -361,6 +444,7 @@ def _load(name: str, model_name: str, kwargs: dict, folder: Path | None):
     except Exception as err:  # network, missing or broken files: explain what to do
         hint = local_folder_hint(folder) if folder is not None else OFFLINE_HINT
         raise BackboneLoadError(f"could not load backbone {name!r}: {err}.{hint}") from err
+    check_tokenizer(tokenizer, name)
     return model, tokenizer, model.visual.preprocess_cfg
 
 

@@ -39,6 +39,16 @@ def escapes_folder(relpath: str) -> bool:
     return normal == ".." or normal.startswith("../")
 
 
+def same_class_spellings(names: Sequence[str], spelled=lambda name: name) -> list[list[str]]:
+    """Groups of names that are one class for the model: equal once lower-cased, as the model's
+    class name ``spelled(name)`` (an image folder reads ``_`` as a space). The rule of every
+    source of class names (CSV labels, class folders): spell each class one way."""
+    folded: dict[str, list[str]] = {}
+    for name in names:
+        folded.setdefault(spelled(name).lower(), []).append(name)
+    return [spellings for spellings in folded.values() if len(spellings) > 1]
+
+
 def is_utf8(name: str) -> bool:
     """Can ``name`` be written as UTF-8? Not when it came from a file name whose bytes are not
     UTF-8 (Python then holds the bad bytes as lone surrogates, ``'caf\\udce9.png'``)."""

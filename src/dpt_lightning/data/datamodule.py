@@ -93,6 +93,8 @@ class MedicalDataModule(LightningDataModule):
         if num_shots == 0 or num_shots < -1:
             raise ValueError(f"data.num_shots must be a positive number of images per class or -1 (all), "
                              f"got {num_shots}")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"data.seed {seed} is not a seed: give a number from 0 to {2**32 - 1}")
         if subsample not in ("all", "base", "new"):
             raise ValueError(f"data.subsample must be 'all', 'base' or 'new', got {subsample!r}")
         for name, value in (("batch_size", batch_size), ("test_batch_size", test_batch_size)):

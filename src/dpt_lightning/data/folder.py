@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from dpt_lightning.data.checks import is_utf8, not_utf8_problem
+from dpt_lightning.data.checks import is_utf8, not_utf8_problem, same_class_spellings
 from dpt_lightning.data.datamodule import MedicalDataModule
 from dpt_lightning.data.errors import DataError
 from dpt_lightning.data.images import list_images
@@ -23,6 +23,11 @@ def _require_root(module: MedicalDataModule, what: str) -> Path:
     if module.root is None:
         raise ValueError(f"{type(module).__name__} needs data.root ({what})")
     return module.root
+
+
+def folder_classname(folder: str) -> str:
+    """The class name of a class folder: ``_`` read as a space (``normal_brain`` -> ``normal brain``)."""
+    return folder.replace("_", " ")
 
 
 class ImageFolderDataModule(MedicalDataModule):
@@ -47,11 +52,16 @@ class ImageFolderDataModule(MedicalDataModule):
         if not folders:
             raise DataError([f"{folder}: no class sub-folders found (expected {folder}/<class>/<image>)"],
                             "empty image folder")
+        same = same_class_spellings(folders, folder_classname)
+        if same:  # 'circle/' and 'Circle/' (or 'normal_brain/' and 'normal brain/') are one class name
+            raise DataError([f"{folder}: class folders {group} are one class for the model (class names that differ "
+                             "only in case, or in '_' for a space); put each class's images in one folder"
+                             for group in same], f"class folders of {folder}")
         self._folders = folders
 
     @property
     def all_classnames(self) -> list[str]:
-        return [name.replace("_", " ") for name in self._folders]
+        return [folder_classname(name) for name in self._folders]
 
     def read_split(self) -> dict[str, list[Item]]:
         self.split_source = f"50/20/30 split of {self.root} (split_seed={self.split_seed})"
@@ -150,10 +160,7 @@ class CSVDataModule(MedicalDataModule):
             if unknown:
                 lines = {label: [r.line for r in self.rows if r.label == label][:5] for label in unknown}
                 problems.append(f"{csv_path}: label(s) {unknown} (lines {lines}) are not in data.class_order {names}")
-        folded: dict[str, list[str]] = {}
-        for name in names:
-            folded.setdefault(name.lower(), []).append(name)
-        same = [spellings for spellings in folded.values() if len(spellings) > 1]
+        same = same_class_spellings(names)
         if same:
             problems.append(f"{csv_path}: class names that differ only in case are one class for the model: {same}; "
                             "spell each class one way")

@@ -20,6 +20,7 @@ through the text tower, normalised) and ``tokenize``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import ClassVar, Literal
@@ -33,9 +34,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dpt_lightning.backbone import BIOMEDCLIP_HUB_ID, BiomedCLIP
 from dpt_lightning.descriptions import resolve_sentences
-from dpt_lightning.methods.checkpoints import check_checkpoint, checkpoint_identity, drop_frozen_weights
+from dpt_lightning.methods.checkpoints import (check_checkpoint, checkpoint_identity, drop_frozen_weights,
+                                               non_finite_tensors)
 from dpt_lightning.methods.evaluation import TextFeatureCache, make_metrics, metric_logits
-from dpt_lightning.prompts import check_text_lengths
+from dpt_lightning.prompts import check_class_texts, fill_template
 
 #: Hooks that change the image path; a method overriding any of them is never served cached
 #: plain image features unless it declares its own ``image_path_key``.
@@ -44,6 +46,10 @@ IMAGE_PATH_HOOKS = ("transform_images", "visual_prompts", "encode_images")
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term or the logits became NaN or infinite during training."""
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """Evaluation or prediction met NaN or infinite logits."""
 
 
 def dassl_lr_factor(epoch: int, max_epochs: int, warmup_epochs: int, warmup_ratio: float) -> float:
@@ -125,6 +131,10 @@ class PromptTrainer(LightningModule):
         self.backbone_dropout = self.reference_backbone_dropout if backbone_dropout is None else backbone_dropout
         self.reference_compute = reference_compute
         self.strict_loading = False  # the frozen backbone is not in our checkpoints
+        #: Load a checkpoint that cannot show its backbone's weights (an older format: `check_checkpoint`)?
+        self.allow_unverified_backbone = False
+        #: Where what the method learns comes from: None (as initialised), "fit" or "checkpoint".
+        self.weights_source: str | None = None
         self.text_cache = TextFeatureCache()
         self._feature_stores: dict = {}
         self.configure_prompts()
@@ -204,8 +214,8 @@ class PromptTrainer(LightningModule):
         if descriptions:
             sentences = resolve_sentences(descriptions, self.hparams.dataset, self.classnames)
         else:
-            sentences = [[template.format(name)] for name in self.classnames]
-        check_text_lengths(self.backbone, sentences, self.classnames,
+            sentences = [[fill_template(template, name)] for name in self.classnames]
+        check_class_texts(self.backbone, sentences, self.classnames,
                            "model.descriptions" if descriptions else "model.template")
         return self.backbone.encode_class_sentences(sentences)
 
@@ -292,6 +302,9 @@ class PromptTrainer(LightningModule):
                 raise ValueError(f"the data's classes {datamodule.classnames} differ from the model's "
                                  f"{self.classnames}")
 
+    def on_train_start(self) -> None:
+        self.weights_source = "fit"
+
     def on_train_epoch_start(self) -> None:
         self.train()
         self.backbone.train(self.backbone_dropout)
@@ -324,19 +337,34 @@ class PromptTrainer(LightningModule):
                 f"({type(self).__name__}); stopping instead of training on NaN. Lower model.lr, check the "
                 "loss weights, or use --trainer.precision 32-true")
 
-    def _evaluate(self, batch: dict, metrics: MetricCollection) -> None:
-        logits = self.evaluation_logits(batch)
+    def _evaluate(self, batch: dict, batch_idx: int, metrics: MetricCollection, stage: str) -> None:
+        logits = self.finite_logits(batch, batch_idx, stage)
         metrics.update(metric_logits(logits), batch["label"])
         self.log_dict(metrics, prog_bar=True, batch_size=batch["label"].shape[0])
 
+    def finite_logits(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
+        """`evaluation_logits`; `NonFiniteLogitsError` (naming the method's tensors that are not
+        finite, if any) instead of metrics or predictions computed from NaN or infinity."""
+        logits = self.evaluation_logits(batch)
+        if not bool(torch.isfinite(logits).all()):
+            own = {name: t for name, t in itertools.chain(self.named_parameters(), self.named_buffers())
+                   if not name.startswith("backbone.")}
+            bad = non_finite_tensors(own)
+            cause = (f"its tensors {', '.join(bad[:8])} hold NaN or infinite values (a damaged checkpoint?)" if bad
+                     else "the backbone's features overflowed (try --trainer.precision 32-true) or an image is "
+                          "not finite")
+            raise NonFiniteLogitsError(f"non-finite logits in {stage} batch {batch_idx} ({type(self).__name__}): "
+                                       f"{cause}; stopping instead of reporting numbers computed from them")
+        return logits
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+        self._evaluate(batch, batch_idx, self.val_metrics, "validation")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, batch_idx, self.test_metrics, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        probs = self.evaluation_logits(batch).softmax(dim=-1)
+        probs = self.finite_logits(batch, batch_idx, "predict").softmax(dim=-1)
         return {"path": batch["path"], "probs": probs, "pred": probs.argmax(dim=-1)}
 
     def configure_optimizers(self):
@@ -364,3 +392,4 @@ class PromptTrainer(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint(self, checkpoint)
+        self.weights_source = "checkpoint"

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from dpt_lightning.methods.coop import CoOp
 from dpt_lightning.methods.shared import distillation_kl, record_hparams, resolve_settings, teacher_sentences
-from dpt_lightning.prompts import check_text_lengths
+from dpt_lightning.prompts import check_class_texts
 
 OutlierRule = Literal["reference", "robust"]
 
@@ -114,7 +114,7 @@ class BiomedCoOp(CoOp):
         if hp.outlier_rule not in ("reference", "robust"):
             raise ValueError(f"model.outlier_rule must be 'reference' or 'robust', got {hp.outlier_rule!r}")
         self.teacher_sentences = teacher_sentences(hp.descriptions, hp.dataset, self.classnames, hp.n_prompts)
-        check_text_lengths(self.backbone, self.teacher_sentences, self.classnames, "model.descriptions")
+        check_class_texts(self.backbone, self.teacher_sentences, self.classnames, "model.descriptions")
         self.register_buffer("sentence_features", None, persistent=False)
 
     # --------------------------------------------------------------- teacher

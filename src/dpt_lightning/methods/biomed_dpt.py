@@ -27,7 +27,7 @@ from torch import Tensor
 from dpt_lightning.methods.coop import CoOp
 from dpt_lightning.methods.shared import (clinical_template, distillation_kl, record_hparams, resolve_settings,
                                           teacher_sentences)
-from dpt_lightning.prompts import check_text_lengths
+from dpt_lightning.prompts import check_class_texts
 from dpt_lightning.visual_prompts import check_visual_prompts
 
 VisionPrompt = Literal["replace", "insert", "off"]
@@ -106,7 +106,7 @@ class BiomedDPT(CoOp):
         self.register_buffer("vision_zeros", torch.zeros(hp.vision_tokens, self.backbone.vision_width),
                              persistent=False)
         self.teacher_sentences = teacher_sentences(hp.descriptions, hp.dataset, self.classnames, hp.n_prompts)
-        check_text_lengths(self.backbone, self.teacher_sentences, self.classnames, "model.descriptions")
+        check_class_texts(self.backbone, self.teacher_sentences, self.classnames, "model.descriptions")
         self.register_buffer("teacher_features", None, persistent=False)
 
     def resolve_dataset_settings(self) -> None:

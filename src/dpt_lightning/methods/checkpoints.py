@@ -5,10 +5,13 @@ the method's settings (under ``method_settings``) and an identity: method, backb
 architecture and a digest of its frozen weights), class names, protocol and dataset. The model
 is always defined by the user's config and command line; loading a checkpoint refuses, with one
 message listing every mismatch, a checkpoint of another method, backbone or class list, and any
-tensor that is not the method's own (a checkpoint cannot replace frozen backbone weights).
+tensor that is not the method's own (a checkpoint cannot replace frozen backbone weights). A
+checkpoint whose tensors hold NaN or infinite values is refused on reading and on loading; one of
+an older format, without the weights digest, only with an explicit opt-in (`check_checkpoint`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -42,7 +45,24 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
                                   "epoch's") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointReadError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    refuse_non_finite(checkpoint["state_dict"], f"checkpoint {path}")
     return checkpoint
+
+
+def non_finite_tensors(state: Mapping) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [name for name, value in state.items() if isinstance(value, torch.Tensor) and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())]
+
+
+def refuse_non_finite(state: Mapping, what: str) -> None:
+    """A `CheckpointReadError` naming the tensors of ``state`` (the state dict of ``what``, a
+    checkpoint or an export) that hold NaN or infinite values: they would be evaluated, silently."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointReadError(f"{what} holds NaN or infinite values in {', '.join(bad[:8])}"
+                                  f"{' ...' if len(bad) > 8 else ''}: it is damaged (or comes from a diverged run) "
+                                  "and would give meaningless predictions; use another one, e.g. an earlier epoch's")
 
 
 def checkpoint_identity(model) -> dict:
@@ -69,11 +89,39 @@ def drop_frozen_weights(state_dict: dict) -> None:
         del state_dict[key]
 
 
+def unverified_backbone(identity: dict) -> str | None:
+    """Why a checkpoint's identity cannot show which backbone weights it was trained on (written
+    before format 2, which added the weights digest, or without the digest), or None."""
+    fmt = identity.get("format")
+    if not isinstance(fmt, int) or fmt < CHECKPOINT_FORMAT:
+        return f"it was written by an older dpt_lightning (checkpoint format {fmt or 1}, this one writes " \
+               f"{CHECKPOINT_FORMAT}) and records no digest of its backbone's weights"
+    if not identity.get("backbone", {}).get("weights_digest"):
+        return "it records no digest of its backbone's weights"
+    return None
+
+
 def check_checkpoint(model: nn.Module, checkpoint: dict) -> None:
-    """Raise `CheckpointMismatchError` unless ``checkpoint`` fits ``model`` (see module docstring)."""
+    """Raise `CheckpointMismatchError` unless ``checkpoint`` fits ``model`` (see module docstring).
+
+    A checkpoint of a newer format is refused; one that cannot show its backbone's weights (an
+    older format, no digest: `unverified_backbone`) is refused unless ``model.allow_unverified_backbone``
+    is set (the command's ``--allow_unverified_backbone true``): only the widths are then compared."""
     identity = checkpoint.get("dpt_lightning")
     if identity is None:
         raise CheckpointMismatchError("this checkpoint was not written by dpt_lightning")
+    fmt = identity.get("format")
+    if isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(f"this checkpoint has format {fmt}, written by a newer dpt_lightning (this one "
+                                      f"reads formats up to {CHECKPOINT_FORMAT}): upgrade dpt_lightning to load it")
+    unverified = unverified_backbone(identity)
+    if unverified and not getattr(model, "allow_unverified_backbone", False):
+        raise CheckpointMismatchError(
+            f"this checkpoint cannot be verified against the backbone: {unverified}, so any backbone of the same "
+            f"widths would be accepted (this model: {model.backbone.name!r}). If you know it was trained on this "
+            "backbone, load it with --allow_unverified_backbone true (Python: model.allow_unverified_backbone = "
+            "True, or load_exported(..., allow_unverified_backbone=True)); better, train it again")
+    refuse_non_finite(checkpoint["state_dict"], "the checkpoint")
     mine = checkpoint_identity(model)
     problems = []
     if identity["method"] != mine["method"]:
@@ -81,7 +129,7 @@ def check_checkpoint(model: nn.Module, checkpoint: dict) -> None:
                         f"method the checkpoint was trained with")
     theirs, ours = identity["backbone"], mine["backbone"]
     towers = [key for key in ("text_tower", "image_tower") if key in theirs and theirs[key] != ours.get(key)]
-    if towers:  # (checkpoints from before the tower families record none: their widths are checked below)
+    if towers:  # (a checkpoint without the tower families: its widths and weights digest are checked below)
         problems.append(f"backbone {theirs.get('name')!r} with a {theirs.get('text_tower')} text tower and a "
                         f"{theirs.get('image_tower')} image tower (this model: {ours.get('name')!r} with "
                         f"{ours.get('text_tower')} + {ours.get('image_tower')}); load it with the backbone it was "

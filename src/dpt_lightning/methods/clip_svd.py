@@ -70,7 +70,7 @@ from torch.func import functional_call
 from dpt_lightning.methods.base import PromptTrainer
 from dpt_lightning.methods.frozen_features import view_transform
 from dpt_lightning.methods.shared import dataset_setting, record_hparams, resolve_settings
-from dpt_lightning.prompts import check_text_lengths
+from dpt_lightning.prompts import check_class_texts, fill_template
 
 Tower = Literal["image", "text"]
 TOWERS: tuple[str, ...] = ("image", "text")
@@ -384,8 +384,8 @@ class CLIPSVD(PromptTrainer):
         if layers is None:
             layers = (dataset_setting(CLIPSVD_SETTINGS, hp.dataset, hp.protocol) or DEFAULT_SETTINGS[hp.protocol])[2]
         record_hparams(self, template=template, layers=layers if isinstance(layers, str) else list(layers))
-        prompts = [template.format(name) for name in self.classnames]
-        check_text_lengths(self.backbone, [[p] for p in prompts], self.classnames, "model.template")
+        prompts = [fill_template(template, name) for name in self.classnames]
+        check_class_texts(self.backbone, [[p] for p in prompts], self.classnames, "model.template")
         self.register_buffer("prompt_ids", self.tokenize(prompts), persistent=False)
         self.svd = SingularValueTuning(self.backbone, list(hp.towers), hp.layers, list(hp.matrices))
 

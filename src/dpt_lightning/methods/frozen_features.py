@@ -333,11 +333,28 @@ class FrozenFeatureTrainer(PromptTrainer):
             loss.backward()
 
     # ---------------------------------------------------------- checkpoints
+    def check_fitted_tensors(self, state: dict) -> list[str]:
+        """Problems of the fitted tensors (``data_shaped``) of a checkpoint that their shapes alone do
+        not show (e.g. labels out of range); a subclass with such tensors extends this."""
+        return []
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         missing = [name for name in self.data_shaped if name not in state]
         if missing:
             raise CheckpointMismatchError(f"checkpoint lacks the fitted tensors {missing} of {type(self).__name__}")
+        problems, own = [], self.state_dict()
+        for name in self.data_shaped:  # only the first dimension (the number of training items) may differ
+            current, stored = own[name], state[name]
+            if stored.dim() != current.dim() or stored.shape[1:] != current.shape[1:]:
+                problems.append(f"{name} has shape {tuple(stored.shape)} (this model: (N, "
+                                f"{', '.join(map(str, current.shape[1:]))}))" if current.dim() > 1 else
+                                f"{name} has shape {tuple(stored.shape)} (this model: one dimension)")
+        problems = problems or self.check_fitted_tensors(state)
+        if problems:
+            raise CheckpointMismatchError(f"the fitted tensors of this {type(self).__name__} checkpoint are not "
+                                          f"consistent: {'; '.join(problems)}; it was altered or damaged: use the "
+                                          "checkpoint as the fit wrote it, or fit again")
         for name in self.data_shaped:
             owner, _, attr = name.rpartition(".")
             module = self.get_submodule(owner) if owner else self

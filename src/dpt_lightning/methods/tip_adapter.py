@@ -81,6 +81,17 @@ class TipAdapter(FrozenFeatureTrainer):
     def encode_classes(self, image_features: Tensor | None = None) -> Tensor:
         return self.class_features
 
+    def check_fitted_tensors(self, state: dict) -> list[str]:
+        """One label per cache key, each a class of this model."""
+        keys, labels = state["cache_keys"], state["cache_labels"]
+        problems = []
+        if len(keys) != len(labels):
+            problems.append(f"{len(keys)} cache keys but {len(labels)} cache labels")
+        if labels.is_floating_point() or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max())
+                                          < len(self.classnames)):
+            problems.append(f"cache labels must be class numbers 0..{len(self.classnames) - 1}")
+        return problems
+
     def clip_scale(self) -> Tensor | float:
         scale = self.hparams.clip_scale
         return self.backbone.logit_scale.float() if scale is None else scale
